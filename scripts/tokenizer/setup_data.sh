@@ -1,0 +1,1 @@
+echo "tokenizer data: not yet"

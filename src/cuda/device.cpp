@@ -1,0 +1,32 @@
+#include "cuda/device.h"
+
+#include <fmt/format.h>
+
+#include "core/error.h"
+#include "cuda/check.h"
+
+namespace ossrl::cuda {
+
+void fail_cuda(cudaError_t status, const char* call, const char* file, int line) {
+  fail("CUDA error {} ({}) in {} at {}:{}", cudaGetErrorName(status), cudaGetErrorString(status),
+       call, file, line);
+}
+
+int device_count() {
+  int count = 0;
+  // No driver or no device is the normal case on CPU machines: report zero devices.
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky error so later checks start clean
+    return 0;
+  }
+  return count;
+}
+
+std::string device_summary(int index) {
+  cudaDeviceProp prop{};
+  OSSRL_CUDA_CHECK(cudaGetDeviceProperties(&prop, index));
+  return fmt::format("{}, sm_{}{}, {} SMs, {:.1f} GiB", prop.name, prop.major, prop.minor,
+                     prop.multiProcessorCount, double(prop.totalGlobalMem) / (1 << 30));
+}
+
+}  // namespace ossrl::cuda

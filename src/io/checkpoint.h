@@ -1,0 +1,35 @@
+// A Hugging Face checkpoint folder as published: config.json plus either one
+// model.safetensors or model.safetensors.index.json naming the shards. Every shard is
+// memory-mapped; tensor lookups throw an Error naming the tensor and the file it should
+// have been in.
+#pragma once
+
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "io/safetensors.h"
+
+namespace ossrl {
+
+class Checkpoint {
+ public:
+  // Opens the folder: reads the index (if any), maps every shard it names, and checks
+  // that each tensor the index promises is present in its shard.
+  static Checkpoint open(const std::string& dir);
+
+  const std::string& dir() const { return dir_; }
+  bool contains(const std::string& name) const;
+  const TensorView& tensor(const std::string& name) const;
+  // Every tensor name across all shards, sorted.
+  std::vector<std::string> names() const;
+
+ private:
+  std::string dir_;
+  std::vector<std::shared_ptr<SafetensorsFile>> shards_;
+  std::map<std::string, const TensorView*> by_name_;
+  std::map<std::string, std::string> index_file_of_;  // name -> shard the index names
+};
+
+}  // namespace ossrl

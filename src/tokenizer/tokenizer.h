@@ -1,0 +1,60 @@
+// o200k_harmony: byte-level BPE over the o200k_base ranks (199998 tokens), the o200k
+// pre-tokenisation regex (PCRE2), and the Harmony special tokens up to id 201087.
+// Rank data is produced at set-up time by scripts/tokenizer/setup_data.sh.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace ossrl {
+
+using TokenId = int32_t;
+
+// Which special-token strings encode() recognises in text; everywhere else their text is
+// encoded as ordinary bytes (so user text can never forge <|start|> or <|end|>).
+enum class SpecialTokens { None, All };
+
+class Tokenizer {
+ public:
+  // Loads the rank file written by set-up (default: the build's data directory).
+  static std::shared_ptr<const Tokenizer> load(const std::string& path = default_path());
+  static std::string default_path();
+
+  std::vector<TokenId> encode(std::string_view text, SpecialTokens special = SpecialTokens::None) const;
+  // Concatenated bytes of the tokens; special tokens decode to their names.
+  std::string decode(std::span<const TokenId> tokens) const;
+  // The bytes of one token (its name for a special token).
+  const std::string& token_bytes(TokenId token) const;
+
+  // "<|start|>" -> 200006; throws an Error for a name that is not a special token.
+  TokenId special(std::string_view name) const;
+  bool is_special(TokenId token) const;
+  int vocab_size() const;  // 201088
+
+  ~Tokenizer();
+
+ private:
+  Tokenizer();
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// The special tokens Harmony uses, by id (o200k_harmony).
+namespace harmony_tokens {
+constexpr TokenId kStartOfText = 199998;
+constexpr TokenId kEndOfText = 199999;
+constexpr TokenId kReturn = 200002;
+constexpr TokenId kConstrain = 200003;
+constexpr TokenId kChannel = 200005;
+constexpr TokenId kStart = 200006;
+constexpr TokenId kEnd = 200007;
+constexpr TokenId kMessage = 200008;
+constexpr TokenId kCall = 200012;
+constexpr TokenId kEndOfPrompt = 200018;
+}  // namespace harmony_tokens
+
+}  // namespace ossrl

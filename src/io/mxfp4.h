@@ -19,7 +19,9 @@ extern const float kFp4Values[16];
 // 0 * 2^128 is NaN, as in transformers.
 void mxfp4_decode_f32(const uint8_t* blocks, const uint8_t* scales, size_t n_blocks, float* out);
 // The same, rounded to bf16 bits: bit-identical to transformers' dequantisation
-// (convert_moe_packed_tensors) for every finite value.
+// (convert_moe_packed_tensors) for every finite and infinite value; NaNs (zero codes
+// under scale 255) are NaN, their payload bits are not promised (torch's own differ
+// between its scalar and vectorised conversions).
 void mxfp4_decode_bf16(const uint8_t* blocks, const uint8_t* scales, size_t n_blocks, uint16_t* out);
 
 }  // namespace ossrl

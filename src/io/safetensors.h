@@ -17,13 +17,16 @@
 namespace ossrl {
 
 // A read-only view of one tensor inside a mapped file (or any other owner's buffer).
+// `data` is only as aligned as the writer made it: safetensors packs tensors back to
+// back, so a BF16 tensor after an odd-length U8 one starts at an odd address. Read
+// multi-byte elements with memcpy (or copy out) rather than casting the pointer.
 struct TensorView {
   std::string name;
   std::string file;  // the file it came from, for error messages
   DType dtype = DType::F32;
-  std::vector<int64_t> shape;
+  std::vector<int64_t> shape;  // [] for a scalar (numel 1)
   const uint8_t* data = nullptr;
-  size_t nbytes = 0;
+  size_t nbytes = 0;  // numel * dtype_size(dtype)
 
   int64_t numel() const;
   // "[24, 2880]"
@@ -34,7 +37,10 @@ struct TensorView {
 
 class SafetensorsFile {
  public:
-  // Maps `path` and validates its header; throws Error on any inconsistency.
+  // Maps `path` and validates its header; throws Error on any inconsistency: a header
+  // length past the end of the file, a header that is not a JSON object, an unknown
+  // dtype, a negative dimension, data_offsets outside the data section or not equal to
+  // numel * dtype size, two tensors sharing bytes, or one name given twice.
   static std::unique_ptr<SafetensorsFile> open(const std::string& path);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
@@ -61,11 +67,14 @@ class SafetensorsFile {
 // rename), so a crash never leaves a half-written adapter or checkpoint behind.
 class SafetensorsWriter {
  public:
-  // Copies `bytes` (must be numel(shape) * dtype_size(dtype) long).
+  // Copies `bytes` (must be numel(shape) * dtype_size(dtype) long). Names are unique;
+  // "__metadata__" is reserved by the format.
   void add(const std::string& name, DType dtype, std::vector<int64_t> shape,
            std::span<const uint8_t> bytes);
   void add_f32(const std::string& name, std::vector<int64_t> shape, std::span<const float> values);
   void set_metadata(const std::string& key, const std::string& value);
+  // Tensors are laid out back to back in name order (the format forbids gaps); the
+  // header is padded with spaces so the data section starts 8-byte aligned.
   void write(const std::string& path) const;
 
  private:

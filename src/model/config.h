@@ -38,12 +38,17 @@ struct GptOssConfig {
   double swiglu_limit = 7.0;
   bool attention_bias = true;
   bool tie_word_embeddings = false;
-  int eos_token_id = 200002;
-  int pad_token_id = 199999;
+  // config.json's eos_token_id may be an int, a list or null (empty here).
+  std::vector<int> eos_token_ids = {200002};
+  int pad_token_id = 199999;  // -1 when config.json says null
   RopeConfig rope;
   std::vector<AttentionType> layer_types;  // one per layer
 
-  // Parses and validates; `source` names the file in error messages.
+  // Parses and validates; `source` names the file in error messages. Shape fields
+  // (layers, sizes, heads, experts, vocab) are required; the rest default as in
+  // transformers. Throws on a missing or mistyped field and on inconsistent values
+  // (heads not a multiple of kv heads, experts_per_token > num_local_experts,
+  // layer_types of the wrong length, non-positive sizes).
   static GptOssConfig from_json(const nlohmann::json& j, const std::string& source);
   static GptOssConfig from_file(const std::string& path);
   nlohmann::json to_json() const;  // transformers 5 spelling

@@ -1,0 +1,65 @@
+#include "model/cpu/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+
+namespace ossrl {
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const float* sinks, const AttentionDims& d) {
+  const int64_t last_query = d.first_query_position + d.n_queries - 1;
+  const int64_t oldest_needed =
+      d.sliding_window > 0 ? std::max<int64_t>(0, d.first_query_position - d.sliding_window + 1) : 0;
+  OSSRL_CHECK(d.n_queries == 0 || (d.first_key_position <= oldest_needed &&
+                                   d.first_key_position + d.n_keys > last_query),
+              "attention: keys cover positions [{}, {}) but queries at [{}, {}] need [{}, {}]",
+              d.first_key_position, d.first_key_position + d.n_keys, d.first_query_position,
+              last_query, oldest_needed, last_query);
+  const int group = d.heads / d.kv_heads;
+  const float scale = 1.0f / std::sqrt(float(d.head_dim));
+  const int64_t q_stride = int64_t(d.heads) * d.head_dim;
+  const int64_t kv_stride = int64_t(d.kv_heads) * d.head_dim;
+
+#pragma omp parallel
+  {
+    std::vector<float> scores(size_t(d.n_keys));
+#pragma omp for schedule(static)
+    for (int64_t th = 0; th < d.n_queries * d.heads; ++th) {
+      const int64_t t = th / d.heads;
+      const int h = int(th % d.heads);
+      const int g = h / group;
+      const int64_t p = d.first_query_position + t;
+      const int64_t u_begin = d.sliding_window > 0 ? std::max<int64_t>(0, p - d.sliding_window + 1) : 0;
+      const int64_t j_begin = u_begin - d.first_key_position;
+      const int64_t j_end = p - d.first_key_position + 1;
+      const float* qt = q + t * q_stride + int64_t(h) * d.head_dim;
+
+      float max_logit = sinks[h];
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        const float* kj = k + j * kv_stride + int64_t(g) * d.head_dim;
+        float dot = 0.0f;
+        for (int i = 0; i < d.head_dim; ++i) dot += qt[i] * kj[i];
+        scores[size_t(j)] = dot * scale;
+        max_logit = std::max(max_logit, scores[size_t(j)]);
+      }
+      float denom = std::exp(sinks[h] - max_logit);
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        scores[size_t(j)] = std::exp(scores[size_t(j)] - max_logit);
+        denom += scores[size_t(j)];
+      }
+      float* ot = out + t * q_stride + int64_t(h) * d.head_dim;
+      std::fill(ot, ot + d.head_dim, 0.0f);
+      for (int64_t j = j_begin; j < j_end; ++j) {
+        const float w = scores[size_t(j)] / denom;
+        const float* vj = v + j * kv_stride + int64_t(g) * d.head_dim;
+        for (int i = 0; i < d.head_dim; ++i) ot[i] += w * vj[i];
+      }
+      if (lse) lse[t * d.heads + h] = max_logit + std::log(denom);
+    }
+  }
+}
+
+}  // namespace ossrl

@@ -1,0 +1,81 @@
+#include "model/cpu/linear.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "core/error.h"
+
+namespace ossrl {
+
+namespace {
+
+// Row-major [out, in]: one decoded row, n dot products. Parallel over output rows.
+void linear_rows(float* y, const float* x, const WeightMatrix& w, const float* bias, int64_t n) {
+#pragma omp parallel
+  {
+    std::vector<float> row(size_t(w.in));
+#pragma omp for schedule(static)
+    for (int64_t o = 0; o < w.out; ++o) {
+      w.decode_row(o, row.data());
+      const float b = bias ? bias[o] : 0.0f;
+      for (int64_t t = 0; t < n; ++t) {
+        const float* xt = x + t * w.in;
+        float acc = 0.0f;
+        for (int64_t i = 0; i < w.in; ++i) acc += xt[i] * row[i];
+        y[t * w.out + o] = acc + b;
+      }
+    }
+  }
+}
+
+// Transposed [in, out]: the stored rows are input features, so each thread owns a strip of
+// output columns and accumulates x[t, i] * W[i, strip] over i, decoding each strip once.
+void linear_transposed(float* y, const float* x, const WeightMatrix& w, const float* bias, int64_t n) {
+  constexpr int64_t kStrip = 256;
+  const int64_t strips = (w.out + kStrip - 1) / kStrip;
+#pragma omp parallel
+  {
+    std::vector<float> seg(static_cast<size_t>(kStrip));
+#pragma omp for schedule(static)
+    for (int64_t s = 0; s < strips; ++s) {
+      const int64_t o0 = s * kStrip;
+      const int64_t o1 = std::min(w.out, o0 + kStrip);
+      for (int64_t t = 0; t < n; ++t) {
+        for (int64_t o = o0; o < o1; ++o) y[t * w.out + o] = 0.0f;
+      }
+      for (int64_t i = 0; i < w.in; ++i) {
+        w.decode_stored(i, o0, o1, seg.data());
+        for (int64_t t = 0; t < n; ++t) {
+          const float xi = x[t * w.in + i];
+          float* yt = y + t * w.out;
+          for (int64_t o = o0; o < o1; ++o) yt[o] += xi * seg[size_t(o - o0)];
+        }
+      }
+      if (bias) {
+        for (int64_t t = 0; t < n; ++t) {
+          for (int64_t o = o0; o < o1; ++o) y[t * w.out + o] += bias[o];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void linear_forward(float* y, const float* x, const WeightMatrix& w, const float* bias, int64_t n) {
+  if (w.transposed) {
+    linear_transposed(y, x, w, bias, n);
+  } else {
+    linear_rows(y, x, w, bias, n);
+  }
+}
+
+void embedding_forward(float* out, const int32_t* tokens, int64_t n, const WeightMatrix& w) {
+  for (int64_t t = 0; t < n; ++t) {
+    OSSRL_CHECK(tokens[t] >= 0 && tokens[t] < w.out, "token id {} is outside the vocabulary [0, {})",
+                tokens[t], w.out);
+    w.decode_row(tokens[t], out + t * w.in);
+  }
+}
+
+}  // namespace ossrl

@@ -7,10 +7,15 @@
 //   dequant BF16 [E, G*32, R]   as transformers returns it (transposed):
 //                               dequant[e, g*32 + k, r] = value k of block (e, r, g)
 //
-// NaN is compared as NaN, not by bits: transformers makes NaN as 0 * 2^128 (its power of
-// two is fp32, so scale 255 is inf), and the sign and payload of that NaN come from the CPU
-// (x86 produces a negative default NaN, Arm a positive one) and from the bf16 conversion
-// (torch writes 0x7fc0 for every NaN). None of those bits carry meaning.
+// What transformers gives (torch 2.11 CPU, where ldexp with an integer exponent is a true
+// ldexp): fp4 * 2^(scale - 127) exactly, rounded to bf16. |value| >= 2^128 becomes +-inf,
+// but a zero code stays +-0 even at scale 255 and 0.5 * 2^128 is the finite 2^127; a decoder
+// that multiplies by a precomputed fp32 2^(scale - 127) (inf at scale 255) gets those wrong.
+//
+// NaN is compared as NaN, not by bits (the fixture holds none today, but a regeneration with
+// another torch could): a NaN's sign and payload come from the CPU (x86 makes a negative
+// default NaN, Arm a positive one) and from the bf16 conversion (torch writes 0x7fc0 for
+// every NaN), and carry no meaning.
 #include <gtest/gtest.h>
 
 #include <array>

@@ -4,6 +4,8 @@
 
 #include <string>
 
+#include <unistd.h>
+
 #include "model/config.h"
 #include "model/random_checkpoint.h"
 
@@ -27,9 +29,11 @@ inline GptOssConfig tiny_config() {
   return c;
 }
 
-// Writes (or rewrites) a random checkpoint of tiny_config() under the generated folder.
+// Writes a random checkpoint of tiny_config() under the generated folder. The folder name
+// carries the process id: ctest runs each test in its own process, several at once.
 inline std::string tiny_checkpoint(const std::string& name, RandomCheckpointOptions options = {}) {
-  const std::string dir = std::string(OSSRL_GENERATED_DIR) + "/tiny_models/" + name;
+  const std::string dir =
+      std::string(OSSRL_GENERATED_DIR) + "/tiny_models/" + name + "." + std::to_string(getpid());
   write_random_checkpoint(dir, tiny_config(), options);
   return dir;
 }

@@ -23,7 +23,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
   const int64_t q_stride = int64_t(d.heads) * d.head_dim;
   const int64_t kv_stride = int64_t(d.kv_heads) * d.head_dim;
 
-#pragma omp parallel
+  // Tiny problems run on one thread: a parallel region costs more than they do.
+#pragma omp parallel if (d.n_queries * d.heads * d.n_keys * d.head_dim >= (int64_t(1) << 18))
   {
     std::vector<float> scores(size_t(d.n_keys));
 #pragma omp for schedule(static)

@@ -9,9 +9,13 @@ namespace ossrl {
 
 namespace {
 
+// Below this many multiply-adds a parallel region costs more than it saves (the tiny test
+// models run thousands of small products).
+bool worth_threads(int64_t flops) { return flops >= (int64_t(1) << 18); }
+
 // Row-major [out, in]: one decoded row, n dot products. Parallel over output rows.
 void linear_rows(float* y, const float* x, const WeightMatrix& w, const float* bias, int64_t n) {
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n * w.out * w.in))
   {
     std::vector<float> row(size_t(w.in));
 #pragma omp for schedule(static)
@@ -33,7 +37,7 @@ void linear_rows(float* y, const float* x, const WeightMatrix& w, const float* b
 void linear_transposed(float* y, const float* x, const WeightMatrix& w, const float* bias, int64_t n) {
   constexpr int64_t kStrip = 256;
   const int64_t strips = (w.out + kStrip - 1) / kStrip;
-#pragma omp parallel
+#pragma omp parallel if (worth_threads(n * w.out * w.in))
   {
     std::vector<float> seg(static_cast<size_t>(kStrip));
 #pragma omp for schedule(static)

@@ -6,7 +6,7 @@ namespace ossrl {
 
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight, int64_t n,
                      int64_t dim, float eps) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (n * dim >= (int64_t(1) << 16))
   for (int64_t t = 0; t < n; ++t) {
     const float* xt = x + t * dim;
     float sum_sq = 0.0f;

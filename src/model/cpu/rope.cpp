@@ -17,7 +17,7 @@ void rope_cos_sin(float* cos, float* sin, int64_t position, const RopeFrequencie
 void rope_forward(float* x, int64_t n, int heads, int head_dim, int64_t first_position,
                   const RopeFrequencies& freqs) {
   const int half = head_dim / 2;
-#pragma omp parallel
+#pragma omp parallel if (n * heads * head_dim >= (int64_t(1) << 16))
   {
     std::vector<float> cos(static_cast<size_t>(half)), sin(static_cast<size_t>(half));
 #pragma omp for schedule(static)

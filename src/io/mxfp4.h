@@ -15,13 +15,14 @@ constexpr int kMxfp4BlockBytes = 16;
 extern const float kFp4Values[16];
 
 // Decodes `n_blocks` blocks into fp32 (n_blocks * 32 values): blocks [n_blocks, 16],
-// scales [n_blocks]. fp32 holds every finite result exactly; overflow is +-inf and
-// 0 * 2^128 is NaN, as in transformers.
+// scales [n_blocks]. value = ldexp(fp4, scale - 127): fp32 holds every finite result
+// exactly; |value| >= 2^128 is +-inf; no input makes a NaN (E8M0's 0xff is treated as
+// the exponent 128, as transformers does, not as the OCP NaN scale).
 void mxfp4_decode_f32(const uint8_t* blocks, const uint8_t* scales, size_t n_blocks, float* out);
 // The same, rounded to bf16 bits: bit-identical to transformers' dequantisation
-// (convert_moe_packed_tensors) for every finite and infinite value; NaNs (zero codes
-// under scale 255) are NaN, their payload bits are not promised (torch's own differ
-// between its scalar and vectorised conversions).
+// (convert_moe_packed_tensors) with torch 2.11, whose ldexp takes integer exponents
+// exactly. Older torch (ldexp as x * pow(2, e) in fp32) differs only at scale 255,
+// where its 2^128 is inf: it gives NaN for zero codes and inf for +-0.5.
 void mxfp4_decode_bf16(const uint8_t* blocks, const uint8_t* scales, size_t n_blocks, uint16_t* out);
 
 }  // namespace ossrl

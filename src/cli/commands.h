@@ -1,0 +1,17 @@
+// The subcommands of `ossrl`. Each registers its options on the app and returns the
+// function that runs it once the command line has been parsed.
+#pragma once
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+
+namespace ossrl::cli {
+
+using Command = std::function<void()>;
+
+Command add_generate(CLI::App& app);
+Command add_score(CLI::App& app);
+Command add_demo(CLI::App& app);
+
+}  // namespace ossrl::cli

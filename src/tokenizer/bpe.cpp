@@ -80,19 +80,20 @@ std::string read_file(const std::string& path) {
 }  // namespace
 
 BytePairEncoder::BytePairEncoder(std::vector<std::string> token_bytes) : bytes_(std::move(token_bytes)) {
-  // At most 1/2 full keeps linear probes short: 2^19 slots (2 MiB) for o200k_base.
-  slots_.assign(std::bit_ceil(2 * bytes_.size() + 1), -1);
+  // At most 1/2 full keeps linear probes short: 2^19 slots (4 MiB) for o200k_base.
+  slots_.assign(std::bit_ceil(2 * bytes_.size() + 1), Slot{0, -1});
   slot_mask_ = slots_.size() - 1;
   for (TokenId r = 0; r < size(); ++r) {
-    uint64_t i = hash_bytes(bytes_[r]) & slot_mask_;
-    for (; slots_[i] >= 0; i = (i + 1) & slot_mask_) {
-      OSSRL_CHECK(bytes_[slots_[i]] != bytes_[r], "tokenizer ranks {} and {} have the same bytes", slots_[i], r);
-    }
-    slots_[i] = r;
+    OSSRL_CHECK(rank(bytes_[r]) == kNoRank, "tokenizer ranks {} and {} have the same bytes", rank(bytes_[r]), r);
+    uint64_t hash = hash_bytes(bytes_[r]);
+    uint64_t i = hash & slot_mask_;
+    while (slots_[i].rank >= 0) i = (i + 1) & slot_mask_;
+    slots_[i] = {static_cast<uint32_t>(hash >> 32), r};
   }
   // Byte-level BPE can encode any byte string only if every byte is a token.
   for (int byte = 0; byte < 256; ++byte) {
-    OSSRL_CHECK(rank(std::string(1, static_cast<char>(byte))) != kNoRank, "tokenizer ranks lack byte {:#04x}", byte);
+    byte_ranks_[byte] = rank(std::string(1, static_cast<char>(byte)));
+    OSSRL_CHECK(byte_ranks_[byte] != kNoRank, "tokenizer ranks lack byte {:#04x}", byte);
   }
 }
 
@@ -123,10 +124,12 @@ BytePairEncoder BytePairEncoder::load_tiktoken(const std::string& path) {
 }
 
 TokenId BytePairEncoder::rank(std::string_view bytes) const {
-  for (uint64_t i = hash_bytes(bytes) & slot_mask_;; i = (i + 1) & slot_mask_) {
-    int32_t r = slots_[i];
-    if (r < 0) return kNoRank;
-    if (bytes_[r] == bytes) return r;
+  const uint64_t hash = hash_bytes(bytes);
+  const auto hash_high = static_cast<uint32_t>(hash >> 32);
+  for (uint64_t i = hash & slot_mask_;; i = (i + 1) & slot_mask_) {
+    const Slot& slot = slots_[i];
+    if (slot.rank < 0) return kNoRank;
+    if (slot.hash_high == hash_high && bytes_[slot.rank] == bytes) return slot.rank;
   }
 }
 
@@ -141,11 +144,11 @@ void BytePairEncoder::encode_piece(std::string_view piece, std::vector<TokenId>&
 }
 
 void BytePairEncoder::merge_by_scan(std::string_view piece, std::vector<TokenId>& out) const {
-  // parts[i] starts at byte parts[i].start; parts[i].rank is the rank of parts i and i + 1
-  // together. The last part is a sentinel at the end of the piece.
+  // parts[i] starts at byte parts[i].start and is token parts[i].token; parts[i].pair is the
+  // rank of parts i and i + 1 together. The last part is a sentinel at the end of the piece.
   struct Part {
     uint32_t start;
-    TokenId rank;
+    TokenId token, pair;
   };
   std::array<Part, kShortPiece + 1> on_stack;
   std::vector<Part> on_heap;
@@ -156,33 +159,35 @@ void BytePairEncoder::merge_by_scan(std::string_view piece, std::vector<TokenId>
   auto pair_rank = [&](size_t i) {
     return i + 2 < count ? rank(piece.substr(parts[i].start, parts[i + 2].start - parts[i].start)) : kNoRank;
   };
-  for (size_t i = 0; i < count; ++i) parts[i] = {static_cast<uint32_t>(i), kNoRank};
-  for (size_t i = 0; i + 2 < count; ++i) parts[i].rank = pair_rank(i);
+  for (size_t i = 0; i < piece.size(); ++i) {
+    parts[i] = {static_cast<uint32_t>(i), byte_ranks_[static_cast<uint8_t>(piece[i])], kNoRank};
+  }
+  parts[count - 1] = {static_cast<uint32_t>(piece.size()), kNoRank, kNoRank};
+  for (size_t i = 0; i + 2 < count; ++i) parts[i].pair = pair_rank(i);
 
   while (true) {
     size_t best = 0;
     for (size_t i = 1; i + 2 < count; ++i) {
-      if (parts[i].rank < parts[best].rank) best = i;
+      if (parts[i].pair < parts[best].pair) best = i;
     }
-    if (parts[best].rank == kNoRank) break;
+    if (parts[best].pair == kNoRank) break;
     std::copy(parts.begin() + best + 2, parts.begin() + count, parts.begin() + best + 1);
     --count;
-    parts[best].rank = pair_rank(best);
-    if (best > 0) parts[best - 1].rank = pair_rank(best - 1);
+    parts[best].token = parts[best].pair;
+    parts[best].pair = pair_rank(best);
+    if (best > 0) parts[best - 1].pair = pair_rank(best - 1);
   }
-  for (size_t i = 0; i + 1 < count; ++i) {
-    out.push_back(rank(piece.substr(parts[i].start, parts[i + 1].start - parts[i].start)));
-  }
+  for (size_t i = 0; i + 1 < count; ++i) out.push_back(parts[i].token);
 }
 
 void BytePairEncoder::merge_by_heap(std::string_view piece, std::vector<TokenId>& out) const {
-  // Parts form a linked list over their start bytes; pair[p] is the rank of the part starting
-  // at p joined with the next one (kNoRank once p is merged away). The heap holds (rank, p)
+  // Parts form a linked list over their start bytes; the part starting at p is token[p], and
+  // pair[p] is the rank of it joined with the next one (kNoRank once p is merged away). The heap holds (rank, p)
   // for every pair rank ever computed; entries whose rank is no longer pair[p] are stale.
   // Popping the smallest (rank, start) is the scan's "lowest rank, leftmost" choice.
   const int32_t n = static_cast<int32_t>(piece.size());
   std::vector<int32_t> next(n), prev(n + 1);
-  std::vector<TokenId> pair(n, kNoRank);
+  std::vector<TokenId> token(n), pair(n, kNoRank);
   using Entry = std::pair<TokenId, int32_t>;
   std::priority_queue<Entry, std::vector<Entry>, std::greater<>> heap;
 
@@ -194,6 +199,7 @@ void BytePairEncoder::merge_by_heap(std::string_view piece, std::vector<TokenId>
   for (int32_t p = 0; p < n; ++p) {
     next[p] = p + 1;
     prev[p] = p - 1;
+    token[p] = byte_ranks_[static_cast<uint8_t>(piece[p])];
   }
   for (int32_t p = 0; p < n; ++p) update(p);
 
@@ -205,10 +211,11 @@ void BytePairEncoder::merge_by_heap(std::string_view piece, std::vector<TokenId>
     next[p] = next[q];
     prev[next[q]] = p;
     pair[q] = kNoRank;
+    token[p] = r;
     update(p);
     if (prev[p] >= 0) update(prev[p]);
   }
-  for (int32_t p = 0; p < n; p = next[p]) out.push_back(rank(piece.substr(p, next[p] - p)));
+  for (int32_t p = 0; p < n; p = next[p]) out.push_back(token[p]);
 }
 
 }  // namespace ossrl

@@ -3,6 +3,7 @@
 // Internal to src/tokenizer; Tokenizer is the interface the rest of ossrl uses.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -40,8 +41,14 @@ class BytePairEncoder {
 
  private:
   std::vector<std::string> bytes_;
-  // Open addressing, linear probing; a slot holds a rank or -1. Keys are bytes_[rank].
-  std::vector<int32_t> slots_;
+  std::array<TokenId, 256> byte_ranks_;  // the token of each single byte
+  // Open addressing, linear probing. A slot holds a rank (-1: empty) and the high half of its
+  // hash, so that probes past other keys rarely touch bytes_ (a cache miss each).
+  struct Slot {
+    uint32_t hash_high;
+    int32_t rank;
+  };
+  std::vector<Slot> slots_;
   uint64_t slot_mask_ = 0;
 };
 

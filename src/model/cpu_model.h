@@ -29,7 +29,6 @@ class CpuModel {
   CpuModel& operator=(const CpuModel&) = delete;
 
   const GptOssConfig& config() const { return config_; }
-  const RopeFrequencies& rope() const { return rope_; }
   // An empty cache for one sequence.
   KvCache new_cache() const { return KvCache(config_); }
 

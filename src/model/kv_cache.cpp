@@ -32,13 +32,4 @@ void KvCache::commit(int64_t n) {
   }
 }
 
-void KvCache::clear() {
-  length_ = 0;
-  for (Layer& layer : layers_) {
-    layer.k.clear();
-    layer.v.clear();
-    layer.first_position = 0;
-  }
-}
-
 }  // namespace ossrl

@@ -33,8 +33,6 @@ class KvCache {
   // later query can see (the next query at position p sees p - window + 1 .. p), so their
   // memory stays at window - 1 positions between steps however long the sequence grows.
   void commit(int64_t n);
-  // Back to an empty sequence, keeping the allocations.
-  void clear();
 
  private:
   int64_t row_floats_;  // kv_heads * head_dim

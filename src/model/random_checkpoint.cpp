@@ -36,7 +36,7 @@ class Gaussian {
 
 class Builder {
  public:
-  Builder(const RandomCheckpointOptions& options) : rng_(options.seed), dtype_(options.dtype) {}
+  explicit Builder(const RandomCheckpointOptions& options) : rng_(options.seed), dtype_(options.dtype) {}
 
   // A tensor of `shape` with entries mean + N(0, stddev²), stored in the checkpoint dtype.
   void normal(const std::string& name, std::vector<int64_t> shape, float stddev, float mean = 0.0f) {

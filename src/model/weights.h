@@ -1,7 +1,7 @@
 // gpt-oss parameters as views into the checkpoint's memory map. The big matrices (embedding,
 // attention projections, experts, lm_head) stay in the checkpoint's own encoding (fp32,
 // bf16 or MXFP4) and are decoded a row at a time inside the matmul, so the 20b model runs
-// from its 13 GB mmap without a 80 GB fp32 copy. Vectors (norm weights, biases, sinks) are
+// from its 13 GB mmap without an 84 GB fp32 copy. Vectors (norm weights, biases, sinks) are
 // small and are copied to fp32 once at load.
 #pragma once
 
@@ -27,8 +27,7 @@ struct WeightMatrix {
   const uint8_t* data = nullptr;    // F32/BF16 elements, or MXFP4 blocks [out, in/32, 16]
   const uint8_t* scales = nullptr;  // MXFP4 only: E8M0 scales [out, in/32]
 
-  // Storage rows and columns: [out, in], or [in, out] when transposed.
-  int64_t stored_rows() const { return transposed ? in : out; }
+  // Storage row length: [out, in], or [in, out] when transposed.
   int64_t stored_cols() const { return transposed ? out : in; }
   // Decodes stored row r, columns [begin, end), to fp32. For MXFP4 begin and end are
   // multiples of 32.

@@ -111,7 +111,6 @@ TEST_F(CpuModelTest, PrefillThenDecodeEqualsFullForward) {
     const std::vector<float> step = model.forward(tokens, offsets, caches, LogitsFor::AllTokens);
     const auto want = std::span(full).subspan(size_t(pos) * size_t(vocab), step.size());
     EXPECT_EQ(max_abs_diff(step, want), 0.0f) << "chunk at position " << pos;
-    // LastTokens is the last of those rows.
     pos += len;
   }
   EXPECT_EQ(cache.length(), 17);
@@ -207,8 +206,9 @@ TEST_F(CpuModelTest, DenseExpertLayoutMatchesMxfp4) {
   const Batch b = random_batch({11}, mxfp4.config().vocab_size, 6);
   const std::vector<float> a = full_logits(mxfp4, b.tokens);
   const std::vector<float> d = full_logits(dense, b.tokens);
-  // Same products summed in the same order by the row and the transposed matmul.
-  EXPECT_EQ(max_abs_diff(a, d), 0.0f);
+  // The same products, summed in lanes by the row matmul and in sequence by the transposed
+  // one: equal up to fp32 rounding.
+  EXPECT_LE(max_abs_diff(a, d), 1e-5f * max_abs(a));
 }
 
 TEST(RandomCheckpoint, DeterministicInSeed) {

@@ -1,6 +1,8 @@
 // o200k_harmony: byte-level BPE over the o200k_base ranks (199998 tokens), the o200k
 // pre-tokenisation regex (PCRE2), and the Harmony special tokens up to id 201087.
-// Rank data is produced at set-up time by scripts/tokenizer/setup_data.sh.
+// Rank data is produced at set-up time by scripts/tokenizer/setup_data.sh. Encodings match
+// OpenAI's tokenizer (tiktoken / openai-harmony); tests/tokenizer checks them against golden
+// vectors. Thread-safe: one loaded Tokenizer serves every thread.
 #pragma once
 
 #include <cstdint>
@@ -24,13 +26,19 @@ class Tokenizer {
   static std::shared_ptr<const Tokenizer> load(const std::string& path = default_path());
   static std::string default_path();
 
+  // Any bytes encode and decode back to themselves. Ill-formed UTF-8 (which OpenAI's
+  // tokenizers refuse) is encoded as the well-formed stretches would be on their own, with each
+  // run of bad bytes as one byte-level piece between them.
   std::vector<TokenId> encode(std::string_view text, SpecialTokens special = SpecialTokens::None) const;
-  // Concatenated bytes of the tokens; special tokens decode to their names.
+  // Concatenated bytes of the tokens; special tokens decode to their names. The bytes need not
+  // be valid UTF-8: a token can end inside a character. Throws an Error for an id outside the
+  // vocabulary.
   std::string decode(std::span<const TokenId> tokens) const;
   // The bytes of one token (its name for a special token).
   const std::string& token_bytes(TokenId token) const;
 
   // "<|start|>" -> 200006; throws an Error for a name that is not a special token.
+  // 200018 has two names, <|endofprompt|> (its decoding) and <|reserved_200018|>.
   TokenId special(std::string_view name) const;
   bool is_special(TokenId token) const;
   int vocab_size() const;  // 201088

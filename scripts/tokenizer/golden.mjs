@@ -239,7 +239,9 @@ const FIXED = [
   '   leading and trailing   ', 'line1\nline2\r\nline3\rline4', 'tab\tseparated\tvalues',
   '1234567890', '12345678901234567890123456789012345678901234567890', '3.14159 2.71828 -1e-10',
   '...', '!!!???', '// comment\n', 'a/b/c\n', '://', '\u00a0nbsp\u00a0', 'ΣΊΣΥΦΟΣ', 'ǅ',
-  // The characters on which OpenAI's split and the package's JS regex disagree.
+  // U+180E: not White_Space, though PCRE2's \s matches it.
+  '!!\u180e', ' \u180e\u180ex', 'a\u180e b',
+  // The characters on which OpenAI's tokenizer and the package disagree (see the top).
   '\ufeffBOM at the start', '\ufeffusing System;\r\n', '\ufeff// header\n', 'x\ufeff\ufeffy', '!!\ufeff?', 'a \ufeff\ufeff b', 'hello \ufeff', '!!\x85',
   'x\x85\x85 y', ' \x85hello', 'say \ufeffhi', ' \ufeff\ufeffa', '\x85\n  \n', "dog'\u017f", "let's'\u017f'S",
   long(() => 'a'), long(() => ' '), long(() => '\n'), long(() => String(int(0, 9))), long(() => '😀'),

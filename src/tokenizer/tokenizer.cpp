@@ -40,8 +40,8 @@ constexpr std::array<std::pair<TokenId, std::string_view>, 10> kNamedSpecials = 
 constexpr TokenId kReservedRangeStart = 200013;
 
 // OpenAI's o200k split (tiktoken / openai-harmony). Whitespace is spelled out as Unicode
-// White_Space, which is what \s means to the Rust regex crate those use; PCRE2's own \s
-// differs by version (it adds U+180E). (?i:...) folds case as the Rust regex does, so 'ſ
+// White_Space, which is what \s means to the Rust regex crate those use; PCRE2 10.42's \s
+// also matches U+180E, no longer White_Space since Unicode 6.3. (?i:...) folds case as the Rust regex does, so 'ſ
 // (U+017F) is a contraction too. Anchored: every valid code point starts some alternative, so
 // each match begins where the previous one ended.
 std::string split_pattern() {

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <set>
 
 #include "core/error.h"
 #include "io_test_util.h"
@@ -130,6 +131,35 @@ TEST(CheckpointCheck, OptionalTensorsFollowTheConfig) {
   config.tie_word_embeddings = true;
   config.attention_bias = false;
   EXPECT_NO_THROW(validate_gpt_oss_checkpoint(ck, config));
+}
+
+// The folders transformers wrote (tests/fixtures/README.md): both config spellings, one
+// file and two shards, MXFP4 and dense experts, all load and validate.
+TEST(CheckpointCheck, TransformersFixtures) {
+  struct Fixture {
+    const char* folder;
+    ExpertLayout layout;
+    int layers, kv_heads, intermediate_size;
+    size_t files;
+  };
+  for (const Fixture& f : {Fixture{"tiny-mxfp4", ExpertLayout::Mxfp4, 4, 2, 64, 2},
+                           Fixture{"tiny-bf16", ExpertLayout::Dense, 4, 2, 32, 1},
+                           Fixture{"tiny-mxfp4-kv1", ExpertLayout::Mxfp4, 6, 1, 96, 1}}) {
+    SCOPED_TRACE(f.folder);
+    const Checkpoint ck = Checkpoint::open(std::string(OSSRL_FIXTURE_DIR) + "/" + f.folder);
+    const GptOssConfig config = GptOssConfig::from_file(ck.config_path());
+    EXPECT_EQ(config.num_hidden_layers, f.layers);
+    EXPECT_EQ(config.num_key_value_heads, f.kv_heads);
+    EXPECT_EQ(config.intermediate_size, f.intermediate_size);
+    EXPECT_EQ(config.rope.factor, 32.0);
+    EXPECT_EQ(config.layer_types[0], AttentionType::Sliding);
+    EXPECT_EQ(config.layer_types[1], AttentionType::Full);
+    EXPECT_NO_THROW(validate_gpt_oss_checkpoint(ck, config));
+    for (int l = 0; l < config.num_hidden_layers; ++l) EXPECT_EQ(detect_expert_layout(ck, l), f.layout);
+    std::set<std::string> files;
+    for (const std::string& name : ck.names()) files.insert(ck.tensor(name).file);
+    EXPECT_EQ(files.size(), f.files);
+  }
 }
 
 TEST(CheckpointCheck, LayerNameHelper) {

@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstdlib>
 #include <map>
 #include <optional>
 #include <utility>
@@ -185,7 +186,12 @@ struct Tokenizer::Impl {
 Tokenizer::Tokenizer() = default;
 Tokenizer::~Tokenizer() = default;
 
-std::string Tokenizer::default_path() { return std::string(OSSRL_DATA_DIR) + "/o200k_base.tiktoken"; }
+std::string Tokenizer::default_path() {
+  // OSSRL_TOKENIZER lets a binary built on one machine find the data on another (the GPU
+  // machine runs binaries built here, from a different directory).
+  if (const char* path = std::getenv("OSSRL_TOKENIZER"); path && *path) return path;
+  return std::string(OSSRL_DATA_DIR) + "/o200k_base.tiktoken";
+}
 
 std::shared_ptr<const Tokenizer> Tokenizer::load(const std::string& path) {
   std::shared_ptr<Tokenizer> tokenizer(new Tokenizer());

@@ -22,7 +22,8 @@ enum class SpecialTokens { None, All };
 
 class Tokenizer {
  public:
-  // Loads the rank file written by set-up (default: the build's data directory).
+  // Loads the rank file written by set-up (default: $OSSRL_TOKENIZER if set, else the
+  // data directory of the source tree the binary was built from).
   static std::shared_ptr<const Tokenizer> load(const std::string& path = default_path());
   static std::string default_path();
 

@@ -10,6 +10,7 @@
 
 #include "io/checkpoint.h"
 #include "model/config.h"
+#include "model/cpu/decoder.h"
 #include "model/kv_cache.h"
 #include "model/rope.h"
 #include "model/weights.h"
@@ -29,6 +30,11 @@ class CpuModel {
   CpuModel& operator=(const CpuModel&) = delete;
 
   const GptOssConfig& config() const { return config_; }
+  // The checkpoint's weight views and RoPE table, for code that runs the same decoder
+  // layers (train::Policy); valid while the model lives.
+  const GptOssWeights& weights() const { return weights_; }
+  const RopeFrequencies& rope() const { return rope_; }
+  ModelRef ref() const { return ModelRef{config_, weights_, rope_}; }
   // An empty cache for one sequence.
   KvCache new_cache() const { return KvCache(config_); }
 

@@ -1,0 +1,86 @@
+// The CPU training model: gpt-oss with LoRA (train/lora.h) over a frozen CpuModel, giving
+// per-token log-probs of the next token and their gradient with respect to every trainable
+// parameter. It runs the same decoder layer functions as CpuModel (model/cpu/decoder.h),
+// so with adapters off (or lora_B = 0) its log-probs are CpuModel::log_probs's.
+//
+// Memory: forward keeps, per layer, the block inputs, normed inputs, q/k/v, attention
+// output and LSE, router logits and choices, and each routed (token, expert)'s gate_up and
+// output: about n·(6·hidden + 2·q_dim + 2·kv_dim + k·(2·intermediate + hidden)) floats per
+// layer for n tokens (tiny test models: kilobytes). With recompute_activations only each
+// layer's input is kept and a layer's activations are rebuilt during backward, one layer at
+// a time. The lm_head never forms a [tokens, vocab] block: logits are made a few rows by a
+// vocabulary chunk at a time, forward (online log-sum-exp) and backward (recomputed).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "model/cpu/decoder.h"
+#include "model/cpu_model.h"
+#include "train/lora.h"
+
+namespace ossrl {
+
+struct PolicyOptions {
+  // Keep only each layer's input in forward and recompute the layer in backward.
+  bool recompute_activations = false;
+};
+
+struct PolicyForward {
+  // Keep activations for backward (off for reference / old-policy log-probs).
+  bool keep_activations = true;
+  // Also compute the entropy of each next-token distribution (no gradient flows through it).
+  bool entropy = false;
+  // LoRA dropout on (when lora_dropout > 0), with masks keyed by dropout_step.
+  bool apply_dropout = true;
+  uint64_t dropout_step = 0;
+};
+
+struct PolicyOutput {
+  // log p(tokens[t] | tokens[offsets[b] .. t)), [tokens]; 0 at each sequence's first token.
+  std::vector<float> log_probs;
+  // Entropy (nats) of the distribution that predicted tokens[t], [tokens]; 0 at each
+  // sequence's first token; empty unless asked for.
+  std::vector<float> entropy;
+};
+
+class Policy {
+ public:
+  // base and lora must outlive the policy; lora may be null (the base model alone, nothing
+  // to train) and must have been built for base's checkpoint.
+  Policy(const CpuModel& base, Lora* lora, PolicyOptions options = {});
+
+  // A ragged batch of whole sequences: sequence b is tokens[offsets[b] .. offsets[b+1]),
+  // positions from 0, no padding. Computes log-probs (and entropy when asked) and, with
+  // keep_activations, keeps what backward needs (replacing any earlier forward's).
+  PolicyOutput forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
+                       const PolicyForward& options = {});
+
+  // dlogp [tokens] = dLoss/dlog_probs of the last forward (kept activations); entries at
+  // sequence starts are ignored. Accumulates (+=) into the grad of every Parameter of the
+  // Lora; call Lora::zero_grad between steps. Uses the Lora's adapters_enabled state and
+  // dropout as they were in that forward. Frees the activations.
+  void backward(std::span<const float> dlogp);
+
+ private:
+  const CpuModel& base_;
+  Lora* lora_;
+  PolicyOptions options_;
+
+  // The last forward, kept for backward.
+  struct Saved {
+    std::vector<int32_t> tokens, offsets;
+    PolicyForward options;
+    bool adapters_enabled = false;
+    std::vector<AttentionActivations> attention;  // [layers]; only .x when recomputing
+    std::vector<MoeActivations> moe;              // [layers]; only .x when recomputing
+    std::vector<float> final_x;                   // [n, hidden] input of the final norm
+    std::vector<float> final_rstd;                // [n]
+    std::vector<float> hidden;                    // [n, hidden] after the final norm
+    std::vector<float> lse;                       // [n] log-sum-exp of each predicting row
+    bool valid = false;
+  } saved_;
+};
+
+}  // namespace ossrl

@@ -34,4 +34,11 @@ class RewardFunction {
   virtual std::vector<double> score(const std::vector<RewardInput>& batch) = 0;
 };
 
+// Builds one entry of the trainer config's reward list: a type name ("format") or an object
+// {"type": "numeric", "field": "answer", ...}; "name" renames it for metrics. Types:
+// exact_match, numeric, format, length_penalty, soft_overlong_punishment (rewards/builtin.h)
+// and external (rewards/external.h); docs/rewards.md lists their options. Throws an Error
+// naming an unknown type or option, or a missing or mistyped one.
+std::unique_ptr<RewardFunction> make_reward(const nlohmann::json& spec);
+
 }  // namespace ossrl

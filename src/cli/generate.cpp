@@ -2,12 +2,11 @@
 #include <fmt/format.h>
 
 #include <chrono>
-#include <fstream>
-#include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
 #include "cli/options.h"
 #include "core/error.h"
+#include "io/json_file.h"
 #include "model/cpu_model.h"
 #include "tokenizer/harmony.h"
 #include "tokenizer/tokenizer.h"
@@ -30,15 +29,7 @@ struct GenerateArgs {
 
 Conversation read_conversation(const GenerateArgs& args) {
   if (args.messages_file.empty()) return conversation_from_prompt(args.prompt, args.effort);
-  std::ifstream in(args.messages_file);
-  OSSRL_CHECK(in, "cannot open {}", args.messages_file);
-  nlohmann::json messages;
-  try {
-    messages = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{} is not valid JSON: {}", args.messages_file, e.what());
-  }
-  return conversation_from_json(messages, args.effort);
+  return conversation_from_json(read_json_file(args.messages_file), args.effort);
 }
 
 void run(const GenerateArgs& args) {

@@ -1,5 +1,6 @@
 #include "io/checkpoint.h"
 
+
 #include <filesystem>
 #include <fstream>
 
@@ -7,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_file.h"
 
 namespace ossrl {
 
@@ -20,14 +22,7 @@ constexpr const char* kIndexFile = "model.safetensors.index.json";
 // Reads the index's weight_map: tensor name -> shard file name (relative to the folder).
 std::map<std::string, std::string> read_weight_map(const fs::path& index_path) {
   const std::string path = index_path.string();
-  std::ifstream in(index_path);
-  OSSRL_CHECK(in.good(), "{}: cannot open", path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON: {}", path, e.what());
-  }
+  const nlohmann::json j = read_json_file(path);
   OSSRL_CHECK(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(),
               "{}: missing object \"weight_map\"", path);
   std::map<std::string, std::string> weight_map;

@@ -1,5 +1,6 @@
 #include "model/config.h"
 
+
 #include <cmath>
 #include <fstream>
 #include <initializer_list>
@@ -10,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "io/json_file.h"
 
 namespace ossrl {
 
@@ -249,17 +251,7 @@ GptOssConfig GptOssConfig::from_json(const nlohmann::json& j, const std::string&
   return c;
 }
 
-GptOssConfig GptOssConfig::from_file(const std::string& path) {
-  std::ifstream in(path);
-  OSSRL_CHECK(in.good(), "{}: cannot open", path);
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(in);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON: {}", path, e.what());
-  }
-  return from_json(j, path);
-}
+GptOssConfig GptOssConfig::from_file(const std::string& path) { return from_json(read_json_file(path), path); }
 
 nlohmann::json GptOssConfig::to_json() const {
   json rope_parameters = {{"rope_type", "default"}, {"rope_theta", rope.theta}};

@@ -30,46 +30,7 @@ struct Piece {
   std::string text;  // the text, or the special token's name
 };
 
-constexpr std::array<std::pair<TokenId, std::string_view>, 10> kSpecialNames = {{
-    {harmony_tokens::kStartOfText, "<|startoftext|>"},
-    {harmony_tokens::kEndOfText, "<|endoftext|>"},
-    {harmony_tokens::kReturn, "<|return|>"},
-    {harmony_tokens::kConstrain, "<|constrain|>"},
-    {harmony_tokens::kChannel, "<|channel|>"},
-    {harmony_tokens::kStart, "<|start|>"},
-    {harmony_tokens::kEnd, "<|end|>"},
-    {harmony_tokens::kMessage, "<|message|>"},
-    {harmony_tokens::kCall, "<|call|>"},
-    {harmony_tokens::kEndOfPrompt, "<|endofprompt|>"},
-}};
-// o200k_harmony names every other id in this range <|reserved_N|>.
-constexpr TokenId kFirstReserved = 200000;
-constexpr TokenId kLastReserved = 201087;
-
-std::string special_name(TokenId id) {
-  for (const auto& [token, name] : kSpecialNames) {
-    if (token == id) return std::string(name);
-  }
-  return fmt::format("<|reserved_{}|>", id);
-}
-
-// The special token a `<|...|>` name stands for, or nullopt when no token has that name
-// (then the text is ordinary text, as Tokenizer::encode(text, SpecialTokens::All) sees it).
-std::optional<TokenId> special_id(std::string_view name) {
-  for (const auto& [token, known] : kSpecialNames) {
-    if (known == name) return token;
-  }
-  constexpr std::string_view kReserved = "<|reserved_";
-  if (!name.starts_with(kReserved)) return std::nullopt;
-  std::string_view digits = name.substr(kReserved.size(), name.size() - kReserved.size() - 2);
-  TokenId id = 0;
-  auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), id);
-  if (ec != std::errc() || end != digits.data() + digits.size()) return std::nullopt;
-  if (id < kFirstReserved || id > kLastReserved) return std::nullopt;
-  return id;
-}
-
-void add_special(std::vector<Piece>& pieces, TokenId id) { pieces.push_back({id, special_name(id)}); }
+void add_special(std::vector<Piece>& pieces, TokenId id) { pieces.push_back({id, special_token_name(id)}); }
 
 void add_text(std::vector<Piece>& pieces, std::string text) {
   if (!text.empty()) pieces.push_back({kTextPiece, std::move(text)});
@@ -288,7 +249,7 @@ void render_message(std::vector<Piece>& pieces, const Message& message) {
     add_text(pieces, message.channel);
   }
   if (!message.content_type.empty()) {
-    const std::string constrain = special_name(harmony_tokens::kConstrain);
+    const std::string constrain = special_token_name(harmony_tokens::kConstrain);
     if (message.content_type.starts_with(constrain)) {
       add_text(pieces, " ");
       add_special(pieces, harmony_tokens::kConstrain);
@@ -339,7 +300,7 @@ std::vector<Piece> render_pieces(const Conversation& conversation, const RenderO
   } else if (options.mode == RenderMode::Training && !messages.empty() &&
              messages.back().role == Role::Assistant && messages.back().channel == "final") {
     // The model learns to stop after its final answer: that is where it samples <|return|>.
-    pieces.back() = {harmony_tokens::kReturn, special_name(harmony_tokens::kReturn)};
+    pieces.back() = {harmony_tokens::kReturn, special_token_name(harmony_tokens::kReturn)};
   }
   return pieces;
 }
@@ -400,7 +361,7 @@ class CompletionParser {
   ParsedCompletion parse(std::span<const Piece> pieces) {
     for (const Piece& piece : pieces) {
       if (state_ == State::Done) {
-        malformed(fmt::format("{} after {}", describe(piece), special_name(terminator_)));
+        malformed(fmt::format("{} after {}", describe(piece), special_token_name(terminator_)));
         break;
       }
       if (piece.special == kInvalidPiece) {
@@ -497,7 +458,7 @@ class CompletionParser {
     std::string header = valid_utf8(header_);
     header_.clear();
 
-    const std::string channel_marker = special_name(harmony_tokens::kChannel);
+    const std::string channel_marker = special_token_name(harmony_tokens::kChannel);
     if (size_t at = header.find(channel_marker); at != std::string::npos) {
       size_t start = at + channel_marker.size();
       size_t end = header.find_first_of(" \t\n\r\f\v<", start);
@@ -507,7 +468,7 @@ class CompletionParser {
       if (header.find(channel_marker) != std::string::npos) malformed("two channels in one message header");
     }
     // `to=f<|constrain|>json` is two words.
-    const std::string constrain = special_name(harmony_tokens::kConstrain);
+    const std::string constrain = special_token_name(harmony_tokens::kConstrain);
     std::string spaced;
     size_t from = 0;
     for (size_t at; (at = header.find(constrain, from)) != std::string::npos; from = at + constrain.size()) {
@@ -770,7 +731,7 @@ ParsedCompletion parse_completion_text(std::string_view text) {
       break;
     }
     std::string_view name = text.substr(open, close + 2 - open);
-    std::optional<TokenId> id = special_id(name);
+    std::optional<TokenId> id = special_token_id(name);
     run += text.substr(i, open - i);
     if (id) {
       add_text(pieces, std::move(run));

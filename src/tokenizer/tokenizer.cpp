@@ -98,14 +98,52 @@ struct Pcre2MatchDataFree {
 };
 using MatchData = std::unique_ptr<pcre2_match_data, Pcre2MatchDataFree>;
 
+// Every special token's name and the reverse map, built once: they need no data file.
+struct SpecialTable {
+  std::vector<std::string> names;  // by id - kFirstSpecial
+  std::map<std::string, TokenId, std::less<>> ids;
+  size_t longest_name = 0;
+
+  SpecialTable() {
+    names.resize(kVocabSize - kFirstSpecial);
+    for (auto [id, name] : kNamedSpecials) {
+      names[id - kFirstSpecial] = name;
+      ids.emplace(name, id);
+    }
+    for (TokenId id = kFirstReserved; id < kVocabSize; ++id) {
+      std::string& name = names[id - kFirstSpecial];
+      if (id < kReservedRangeStart && !name.empty()) continue;
+      std::string reserved = fmt::format("<|reserved_{}|>", id);
+      if (name.empty()) name = reserved;
+      ids.emplace(std::move(reserved), id);
+    }
+    for (const auto& [name, id] : ids) longest_name = std::max(longest_name, name.size());
+  }
+};
+
+const SpecialTable& special_table() {
+  static const SpecialTable table;
+  return table;
+}
+
 }  // namespace
+
+std::string special_token_name(TokenId id) {
+  OSSRL_CHECK(id >= kFirstSpecial && id < kVocabSize, "token {} is not a special token", id);
+  return special_table().names[size_t(id - kFirstSpecial)];
+}
+
+std::optional<TokenId> special_token_id(std::string_view name) {
+  const auto& ids = special_table().ids;
+  auto it = ids.find(name);
+  if (it == ids.end()) return std::nullopt;
+  return it->second;
+}
 
 struct Tokenizer::Impl {
   BytePairEncoder bpe;
   std::unique_ptr<pcre2_code, Pcre2CodeFree> split;
-  std::vector<std::string> special_names;  // by id - kFirstSpecial
-  std::map<std::string, TokenId, std::less<>> special_ids;
-  size_t longest_special_name = 0;
+  const SpecialTable& specials = special_table();
 
   explicit Impl(BytePairEncoder ranks) : bpe(std::move(ranks)) {
     OSSRL_CHECK(bpe.size() == kFirstSpecial, "tokenizer ranks: {} tokens, but o200k_base has {}", bpe.size(),
@@ -119,19 +157,6 @@ struct Tokenizer::Impl {
     // Without JIT support pcre2_match interprets the pattern: slower, same pieces.
     pcre2_jit_compile(split.get(), PCRE2_JIT_COMPLETE);
 
-    special_names.resize(kVocabSize - kFirstSpecial);
-    for (auto [id, name] : kNamedSpecials) {
-      special_names[id - kFirstSpecial] = name;
-      special_ids.emplace(name, id);
-    }
-    for (TokenId id = kFirstReserved; id < kVocabSize; ++id) {
-      std::string& name = special_names[id - kFirstSpecial];
-      if (id < kReservedRangeStart && !name.empty()) continue;
-      std::string reserved = fmt::format("<|reserved_{}|>", id);
-      if (name.empty()) name = reserved;
-      special_ids.emplace(std::move(reserved), id);
-    }
-    for (const auto& [name, id] : special_ids) longest_special_name = std::max(longest_special_name, name.size());
   }
 
   struct SpecialMatch {
@@ -142,11 +167,11 @@ struct Tokenizer::Impl {
   std::optional<SpecialMatch> find_special(std::string_view text, size_t from) const {
     for (size_t at = text.find("<|", from); at != std::string_view::npos; at = text.find("<|", at + 1)) {
       // A name is "<|", then no '|', then "|>": the only candidate at `at` ends at the first
-      // "|>", which a name fits within longest_special_name bytes of `at`.
-      size_t close = text.substr(at + 2, longest_special_name - 2).find("|>");
+      // "|>", which a name fits within specials.longest_name bytes of `at`.
+      size_t close = text.substr(at + 2, specials.longest_name - 2).find("|>");
       if (close == std::string_view::npos) continue;
-      auto it = special_ids.find(text.substr(at, close + 4));
-      if (it != special_ids.end()) return SpecialMatch{at, close + 4, it->second};
+      auto it = specials.ids.find(text.substr(at, close + 4));
+      if (it != specials.ids.end()) return SpecialMatch{at, close + 4, it->second};
     }
     return std::nullopt;
   }
@@ -225,12 +250,12 @@ std::string Tokenizer::decode(std::span<const TokenId> tokens) const {
 const std::string& Tokenizer::token_bytes(TokenId token) const {
   OSSRL_CHECK(token >= 0 && token < kVocabSize, "token {} is outside the o200k_harmony vocabulary [0, {})", token,
               kVocabSize);
-  return token < kFirstSpecial ? impl_->bpe.bytes(token) : impl_->special_names[token - kFirstSpecial];
+  return token < kFirstSpecial ? impl_->bpe.bytes(token) : impl_->specials.names[size_t(token - kFirstSpecial)];
 }
 
 TokenId Tokenizer::special(std::string_view name) const {
-  auto it = impl_->special_ids.find(name);
-  OSSRL_CHECK(it != impl_->special_ids.end(), "\"{}\" is not an o200k_harmony special token", name);
+  auto it = impl_->specials.ids.find(name);
+  OSSRL_CHECK(it != impl_->specials.ids.end(), "\"{}\" is not an o200k_harmony special token", name);
   return it->second;
 }
 

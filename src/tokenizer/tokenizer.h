@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -51,6 +52,12 @@ class Tokenizer {
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
+
+// Special-token names need no data file, so the text-level Harmony code uses these too.
+// The name of special token `id` in [199998, 201088): "<|start|>", "<|reserved_200001|>".
+std::string special_token_name(TokenId id);
+// The token `name` stands for (both names of 200018), or nullopt for any other text.
+std::optional<TokenId> special_token_id(std::string_view name);
 
 // The special tokens Harmony uses, by id (o200k_harmony).
 namespace harmony_tokens {

@@ -1,0 +1,19 @@
+#include "io/json_file.h"
+
+#include <fstream>
+
+#include "core/error.h"
+
+namespace ossrl {
+
+nlohmann::json read_json_file(const std::string& path) {
+  std::ifstream in(path);
+  OSSRL_CHECK(in.good(), "{}: cannot open", path);
+  try {
+    return nlohmann::json::parse(in);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: not valid JSON: {}", path, e.what());
+  }
+}
+
+}  // namespace ossrl

@@ -49,19 +49,11 @@ class CpuModel {
 
   // log p(tokens[t] | the sequence's tokens before t) for every token of a ragged batch of
   // whole sequences (0 at each sequence's first token), [tokens]. Logits are formed a few
-  // rows at a time and reduced by log-softmax, never as a [tokens, vocab] block.
+  // rows by a vocabulary chunk at a time (model/cpu/lm_head.h), never as a [tokens, vocab]
+  // block.
   std::vector<float> log_probs(std::span<const int32_t> tokens, std::span<const int32_t> offsets);
 
  private:
-  // The decoder stack and final norm: returns the normed hidden states [tokens, hidden].
-  std::vector<float> final_hidden(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                                  std::span<KvCache* const> caches);
-  // x [tokens, hidden] += attention(rmsnorm(x)) for layer l, over each sequence's cache.
-  void attention_block(float* x, int l, std::span<const int32_t> offsets,
-                       std::span<KvCache* const> caches);
-  // x [tokens, hidden] += moe(rmsnorm(x)) for layer l.
-  void moe_block(float* x, int l, int64_t n);
-
   GptOssConfig config_;
   Checkpoint checkpoint_;
   GptOssWeights weights_;

@@ -73,12 +73,9 @@ class Policy {
     std::vector<int32_t> tokens, offsets;
     PolicyForward options;
     bool adapters_enabled = false;
-    std::vector<AttentionActivations> attention;  // [layers]; only .x when recomputing
-    std::vector<MoeActivations> moe;              // [layers]; only .x when recomputing
-    std::vector<float> final_x;                   // [n, hidden] input of the final norm
-    std::vector<float> final_rstd;                // [n]
-    std::vector<float> hidden;                    // [n, hidden] after the final norm
-    std::vector<float> lse;                       // [n] log-sum-exp of each predicting row
+    DecoderActivations decoder;  // the layers' activations (or inputs, when recomputing)
+    std::vector<float> hidden;   // [n, hidden] after the final norm (lm_head's input)
+    std::vector<float> lse;      // [n] log-sum-exp of the logits that predicted each token
     bool valid = false;
   } saved_;
 };

@@ -8,8 +8,10 @@
 
 namespace ossrl {
 
-void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
-                       const float* sinks, const AttentionDims& d) {
+namespace {
+
+// The keys' coverage check both directions share.
+void check_keys(const AttentionDims& d) {
   const int64_t last_query = d.first_query_position + d.n_queries - 1;
   const int64_t oldest_needed =
       d.sliding_window > 0 ? std::max<int64_t>(0, d.first_query_position - d.sliding_window + 1) : 0;
@@ -18,6 +20,21 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
               "attention: keys cover positions [{}, {}) but queries at [{}, {}] need [{}, {}]",
               d.first_key_position, d.first_key_position + d.n_keys, d.first_query_position,
               last_query, oldest_needed, last_query);
+}
+
+// Rows [j_begin, j_end) of the keys query t may see.
+void key_range(const AttentionDims& d, int64_t t, int64_t* j_begin, int64_t* j_end) {
+  const int64_t p = d.first_query_position + t;
+  const int64_t u_begin = d.sliding_window > 0 ? std::max<int64_t>(0, p - d.sliding_window + 1) : 0;
+  *j_begin = u_begin - d.first_key_position;
+  *j_end = p - d.first_key_position + 1;
+}
+
+}  // namespace
+
+void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
+                       const float* sinks, const AttentionDims& d) {
+  check_keys(d);
   const int group = d.heads / d.kv_heads;
   const float scale = 1.0f / std::sqrt(float(d.head_dim));
   const int64_t q_stride = int64_t(d.heads) * d.head_dim;
@@ -32,10 +49,8 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
       const int64_t t = th / d.heads;
       const int h = int(th % d.heads);
       const int g = h / group;
-      const int64_t p = d.first_query_position + t;
-      const int64_t u_begin = d.sliding_window > 0 ? std::max<int64_t>(0, p - d.sliding_window + 1) : 0;
-      const int64_t j_begin = u_begin - d.first_key_position;
-      const int64_t j_end = p - d.first_key_position + 1;
+      int64_t j_begin, j_end;
+      key_range(d, t, &j_begin, &j_end);
       const float* qt = q + t * q_stride + int64_t(h) * d.head_dim;
 
       float max_logit = sinks[h];
@@ -59,6 +74,54 @@ void attention_forward(float* out, float* lse, const float* q, const float* k, c
         for (int i = 0; i < d.head_dim; ++i) ot[i] += w * vj[i];
       }
       if (lse) lse[t * d.heads + h] = max_logit + std::log(denom);
+    }
+  }
+}
+
+void attention_backward(float* dq, float* dk, float* dv, float* dsinks, const float* dout,
+                        const float* q, const float* k, const float* v, const float* sinks,
+                        const float* out, const float* lse, const AttentionDims& d) {
+  check_keys(d);
+  const int group = d.heads / d.kv_heads;
+  const float scale = 1.0f / std::sqrt(float(d.head_dim));
+  const int64_t q_stride = int64_t(d.heads) * d.head_dim;
+  const int64_t kv_stride = int64_t(d.kv_heads) * d.head_dim;
+  // One thread per kv head: it alone writes that head's dk, dv and its query heads' dq
+  // and dsinks, so nothing is shared.
+#pragma omp parallel for schedule(static) \
+    if (d.n_queries * d.heads * d.n_keys * d.head_dim >= (int64_t(1) << 18))
+  for (int g = 0; g < d.kv_heads; ++g) {
+    for (int h = g * group; h < (g + 1) * group; ++h) {
+      for (int64_t t = 0; t < d.n_queries; ++t) {
+        int64_t j_begin, j_end;
+        key_range(d, t, &j_begin, &j_end);
+        const float* qt = q + t * q_stride + int64_t(h) * d.head_dim;
+        const float* ot = out + t * q_stride + int64_t(h) * d.head_dim;
+        const float* gt = dout + t * q_stride + int64_t(h) * d.head_dim;
+        float* dqt = dq + t * q_stride + int64_t(h) * d.head_dim;
+        const float l = lse[t * d.heads + h];
+        float D = 0.0f;
+        for (int i = 0; i < d.head_dim; ++i) D += gt[i] * ot[i];
+        if (dsinks) dsinks[h] -= std::exp(sinks[h] - l) * D;
+        for (int64_t j = j_begin; j < j_end; ++j) {
+          const float* kj = k + j * kv_stride + int64_t(g) * d.head_dim;
+          const float* vj = v + j * kv_stride + int64_t(g) * d.head_dim;
+          float dot = 0.0f, dp = 0.0f;
+          for (int i = 0; i < d.head_dim; ++i) {
+            dot += qt[i] * kj[i];
+            dp += gt[i] * vj[i];
+          }
+          const float p = std::exp(dot * scale - l);
+          const float ds = p * (dp - D) * scale;
+          float* dkj = dk + j * kv_stride + int64_t(g) * d.head_dim;
+          float* dvj = dv + j * kv_stride + int64_t(g) * d.head_dim;
+          for (int i = 0; i < d.head_dim; ++i) {
+            dqt[i] += ds * kj[i];
+            dkj[i] += ds * qt[i];
+            dvj[i] += p * gt[i];
+          }
+        }
+      }
     }
   }
 }

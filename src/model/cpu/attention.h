@@ -29,4 +29,15 @@ struct AttentionDims {
 void attention_forward(float* out, float* lse, const float* q, const float* k, const float* v,
                        const float* sinks, const AttentionDims& dims);
 
+// Backward of attention_forward, given its inputs, out and lse. With P_u = exp(s_u - lse)
+// recomputed per query and D = dout[t,h] · out[t,h] (= Σ_u P_u dout·v_u; the sink carries
+// no value):
+//   dS_u = P_u (dout · v_u - D);  dq += dS_u k_u / sqrt(d);  dk_u += dS_u q / sqrt(d);
+//   dv_u += P_u dout;  dsinks[h] += -exp(sinks[h] - lse) · D
+// (the sink logit sits in the normaliser only). All accumulate (+=): dq like q, dk and dv
+// like k and v, dsinks [heads] (may be null). Same window, causality and GQA as forward.
+void attention_backward(float* dq, float* dk, float* dv, float* dsinks, const float* dout,
+                        const float* q, const float* k, const float* v, const float* sinks,
+                        const float* out, const float* lse, const AttentionDims& dims);
+
 }  // namespace ossrl

@@ -14,6 +14,7 @@
 #include "model/rope.h"
 #include "model/weights.h"
 #include "model/cpu/lora.h"
+#include "model/cpu/moe.h"
 
 namespace ossrl {
 
@@ -35,17 +36,22 @@ struct AttentionActivations {
   std::vector<float> lse;        // [n, heads] log-sum-exp of each softmax, sink included
 };
 
-// What moe_block_backward needs. Rows of gate_up / expert_out are (token t, slot s) at
-// t*k + s, k = experts_per_token.
-struct MoeActivations {
-  std::vector<float> x;              // [n, hidden] block input
-  std::vector<float> rstd;           // [n]
-  std::vector<float> xn;             // [n, hidden]
-  std::vector<float> router_logits;  // [n, experts]
-  std::vector<int32_t> expert_index; // [n, k] chosen experts, descending logit
-  std::vector<float> expert_weight;  // [n, k] softmax over the chosen logits
-  std::vector<float> gate_up;        // [n*k, 2*intermediate] before the clamped SwiGLU
-  std::vector<float> expert_out;     // [n*k, hidden] each expert's output before weighting
+// What moe_block_backward needs.
+struct MoeBlockActivations {
+  std::vector<float> x;     // [n, hidden] block input
+  std::vector<float> rstd;  // [n] post_attention_layernorm's 1/rms
+  std::vector<float> xn;    // [n, hidden] the experts' and router's input
+  MoeActivations moe;       // routing, gate_up and expert outputs
+};
+
+// Everything one forward keeps for backward: per layer both blocks' activations (or, with
+// recompute, only each block's input x), and the final norm's input and rstd.
+struct DecoderActivations {
+  bool recompute = false;
+  std::vector<AttentionActivations> attention;  // [layers]
+  std::vector<MoeBlockActivations> moe;         // [layers]
+  std::vector<float> final_x;                   // [n, hidden]
+  std::vector<float> final_rstd;                // [n]
 };
 
 // x [n, hidden] += attention(rmsnorm(x)) for layer l of a ragged batch (offsets [B+1]).
@@ -65,12 +71,28 @@ void attention_block_backward(float* dx, const ModelRef& m, int l, std::span<con
 
 // x [n, hidden] += moe(rmsnorm(x)) for layer l. saved (may be null) keeps what backward needs.
 void moe_block_forward(float* x, const ModelRef& m, int l, int64_t n, const LayerAdapters* adapters,
-                       MoeActivations* saved);
+                       MoeBlockActivations* saved);
 
 // Backward of moe_block_forward, in place on dx like attention_block_backward. The choice
 // of experts is not differentiated; the gradient reaches the router through the k
 // softmax weights.
 void moe_block_backward(float* dx, const ModelRef& m, int l, int64_t n, const LayerAdapters* adapters,
-                        const MoeActivations& saved);
+                        const MoeBlockActivations& saved);
+
+// The whole stack: returns hidden [n, hidden] = norm(layers(embed(tokens))) for a ragged
+// batch, with caches as in attention_block_forward (committed here when given).
+// adapters: one entry per layer (null: none) or empty. saved (may be null; needs empty
+// caches) keeps what decoder_backward needs; with recompute only each block's input.
+std::vector<float> decoder_forward(const ModelRef& m, std::span<const int32_t> tokens,
+                                   std::span<const int32_t> offsets, std::span<KvCache* const> caches,
+                                   std::span<const LayerAdapters* const> adapters,
+                                   DecoderActivations* saved, bool recompute = false);
+
+// Backward of decoder_forward given dhidden [n, hidden] = dLoss/d(final hidden).
+// Accumulates the grads of the adapters' trained parts; the gradient reaching
+// the embedding is dropped (the embedding is frozen). saved's activations are released
+// layer by layer.
+void decoder_backward(const float* dhidden, const ModelRef& m, std::span<const int32_t> offsets,
+                      std::span<const LayerAdapters* const> adapters, DecoderActivations& saved);
 
 }  // namespace ossrl

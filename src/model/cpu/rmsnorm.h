@@ -11,4 +11,11 @@ namespace ossrl {
 void rmsnorm_forward(float* out, float* rstd, const float* x, const float* weight, int64_t n,
                      int64_t dim, float eps);
 
+// Backward, given the forward's x and rstd, with xhat = x * rstd:
+//   dx [n, dim] += rstd * (g - xhat * mean(g * xhat, row)),  g = dout * weight
+//   dweight [dim] += Σ_t dout * xhat                         (dweight may be null)
+// dx must not alias dout.
+void rmsnorm_backward(float* dx, float* dweight, const float* dout, const float* x, const float* weight,
+                      const float* rstd, int64_t n, int64_t dim);
+
 }  // namespace ossrl

@@ -14,8 +14,11 @@ void rope_cos_sin(float* cos, float* sin, int64_t position, const RopeFrequencie
   }
 }
 
-void rope_forward(float* x, int64_t n, int heads, int head_dim, int64_t first_position,
-                  const RopeFrequencies& freqs) {
+namespace {
+
+// sign +1: the forward rotation; -1: its transpose (backward).
+void rotate(float* x, int64_t n, int heads, int head_dim, int64_t first_position,
+            const RopeFrequencies& freqs, float sign) {
   const int half = head_dim / 2;
 #pragma omp parallel if (n * heads * head_dim >= (int64_t(1) << 16))
   {
@@ -28,12 +31,25 @@ void rope_forward(float* x, int64_t n, int heads, int head_dim, int64_t first_po
         float* x2 = x1 + half;
         for (int j = 0; j < half; ++j) {
           const float a = x1[j], b = x2[j];
-          x1[j] = a * cos[size_t(j)] - b * sin[size_t(j)];
-          x2[j] = b * cos[size_t(j)] + a * sin[size_t(j)];
+          const float s = sign * sin[size_t(j)];
+          x1[j] = a * cos[size_t(j)] - b * s;
+          x2[j] = b * cos[size_t(j)] + a * s;
         }
       }
     }
   }
+}
+
+}  // namespace
+
+void rope_forward(float* x, int64_t n, int heads, int head_dim, int64_t first_position,
+                  const RopeFrequencies& freqs) {
+  rotate(x, n, heads, head_dim, first_position, freqs, 1.0f);
+}
+
+void rope_backward(float* dx, int64_t n, int heads, int head_dim, int64_t first_position,
+                   const RopeFrequencies& freqs) {
+  rotate(dx, n, heads, head_dim, first_position, freqs, -1.0f);
 }
 
 }  // namespace ossrl

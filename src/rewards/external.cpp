@@ -30,6 +30,8 @@ constexpr std::chrono::milliseconds kExitGrace{200};
 constexpr std::chrono::milliseconds kStatusWait{50};
 // A stderr line longer than this is passed on in pieces.
 constexpr size_t kMaxStderrLine = 16 << 10;
+// When stopping, how much buffered stderr is still passed on.
+constexpr size_t kMaxStderrDrain = 1 << 20;
 // How much of a bad reply an error message quotes.
 constexpr size_t kQuoted = 200;
 
@@ -161,9 +163,13 @@ void pump_stderr(int from, int stop, std::string prefix, int sink) {
     }
     if (fds[0].revents != 0 || stopping) {
       ssize_t n;
+      size_t drained = 0;
       while ((n = ::read(from, buffer, sizeof buffer)) > 0) {
         take(buffer, size_t(n));
-        if (!stopping) break;  // back to poll, so a stop is noticed between chunks
+        drained += size_t(n);
+        // Back to poll, so a stop is noticed between chunks; when stopping, a bounded drain,
+        // as a process that escaped the group could keep writing.
+        if (!stopping || drained >= kMaxStderrDrain) break;
       }
       if (n == 0 || (n < 0 && errno != EINTR && errno != EAGAIN)) break;  // the pipe ended
     }

@@ -8,7 +8,9 @@
 // per-token array, offset_b = lengths[0] + ... + lengths[b-1]; N = sum of lengths. This is
 // TRL's padded [B, T] tensor with the right padding dropped, so TRL's completion_mask is
 // all ones over the kept tokens and only the optional extra mask (TRL's tool_mask) and
-// mask_truncated_completions remove tokens.
+// mask_truncated_completions remove tokens. Sequences may also be whole prompt+completion
+// rows (the policy's log-prob layout) with the mask 1 only on completion tokens: every loss
+// type and metric counts active tokens only, so the result is the same.
 #pragma once
 
 #include <cstdint>

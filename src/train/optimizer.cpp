@@ -1,5 +1,7 @@
 #include "train/optimizer.h"
 
+#include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstring>
 #include <set>
@@ -138,14 +140,11 @@ void AdamW::load(const std::string& path) {
               "{} is not an AdamW state file (no __metadata__ format=ossrl.adamw)", path);
   const auto step = meta.find("step");
   OSSRL_CHECK(step != meta.end(), "{}: AdamW state without a step count", path);
-  int64_t steps = 0;
-  try {
-    size_t used = 0;
-    steps = std::stoll(step->second, &used);
-    OSSRL_CHECK(used == step->second.size() && steps >= 0, "bad");
-  } catch (const std::exception&) {
-    fail("{}: AdamW step '{}' is not a non-negative integer", path, step->second);
-  }
+  int64_t steps = -1;
+  const std::string& text = step->second;
+  const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), steps);
+  OSSRL_CHECK(ec == std::errc() && end == text.data() + text.size() && steps >= 0,
+              "{}: AdamW step '{}' is not a non-negative integer", path, text);
   // Read everything before touching the state, so a bad file leaves it as it was.
   std::vector<std::vector<float>> m(params_.size()), v(params_.size());
   for (size_t i = 0; i < params_.size(); ++i) {

@@ -270,16 +270,20 @@ struct ExternalReward::Process {
   Fd stop_pump;    // closing it tells the stderr pump to finish
   std::thread stderr_pump;
 
+  ~Process() { stop(std::chrono::milliseconds(0)); }
+
   // Closes its stdin, optionally waits `grace` for it to exit, kills its process group (its
   // own children too) and reaps it. The leader is reaped last, so its pid, which names the
-  // group, cannot be reused by an unrelated process before the kill.
+  // group, cannot be reused by an unrelated process before the kill. Idempotent.
   void stop(std::chrono::milliseconds grace) {
+    if (pid < 0) return;
     to_child.reset();
     if (grace.count() > 0) exit_status(pid, grace);
     ::kill(-pid, SIGKILL);
     ::kill(pid, SIGKILL);  // in case it left its group
     while (::waitpid(pid, nullptr, 0) < 0 && errno == EINTR) {
     }
+    pid = -1;
     from_child.reset();
     stop_pump.reset();
     if (stderr_pump.joinable()) stderr_pump.join();
@@ -365,8 +369,7 @@ std::vector<double> ExternalReward::score(const std::vector<RewardInput>& batch)
       return exchange(request, batch.size());
     } catch (const ExchangeFailure& failure) {
       failures += (attempt == 0 ? "" : "; after a restart it ") + failure.what;
-      process_->stop(std::chrono::milliseconds(0));
-      process_.reset();
+      process_.reset();  // kills and reaps it
     }
   }
   std::string message = fmt::format("external reward '{}' ({}) {}", options_.name, fmt::join(options_.command, " "),

@@ -53,6 +53,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: reward_program MODE [ARG]\n");
     return 2;
   }
+  std::ios::sync_with_stdio(false);  // getline on a synced cin reads a byte at a time
   const std::string mode = argv[1];
   const long arg = argc > 2 ? std::atol(argv[2]) : 0;
 

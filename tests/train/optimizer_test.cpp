@@ -200,14 +200,18 @@ TEST(AdamWStep, NonFiniteLossOrGradientSkipsTheStep) {
 }
 
 TEST(AdamWState, SaveLoadResumesExactly) {
-  auto grads_at = [](int s) { return std::vector<float>{0.1f * float(s + 1), -0.3f}; };
+  // Writes grads in place: the optimiser holds spans, so the vectors must keep their buffers.
+  auto set_grads = [](std::vector<float>& grad, int s) {
+    grad[0] = 0.1f * float(s + 1);
+    grad[1] = -0.3f;
+  };
   Params a;
   a.add("layer.lora_A.weight", {0.5f, -0.5f});
   AdamWConfig config;
   config.weight_decay = 0.01;
   AdamW adam_a(config, a.spans());
   for (int s = 0; s < 3; ++s) {
-    a.grad[0] = grads_at(s);
+    set_grads(a.grad[0], s);
     adam_a.update(0.01);
   }
   const std::string path = temp_path("state.safetensors");
@@ -217,7 +221,8 @@ TEST(AdamWState, SaveLoadResumesExactly) {
   AdamW adam_b(config, b.spans());
   adam_b.load(path);
   EXPECT_EQ(adam_b.steps(), 3);
-  a.grad[0] = b.grad[0] = grads_at(3);
+  set_grads(a.grad[0], 3);
+  set_grads(b.grad[0], 3);
   adam_a.update(0.01);
   adam_b.update(0.01);
   EXPECT_EQ(a.data[0], b.data[0]);  // bit-identical continuation

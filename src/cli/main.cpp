@@ -14,6 +14,8 @@ int main(int argc, char** argv) {
       {"generate", ossrl::cli::add_generate(app)},
       {"score", ossrl::cli::add_score(app)},
       {"demo", ossrl::cli::add_demo(app)},
+      {"train", ossrl::cli::add_train(app)},
+      {"plot", ossrl::cli::add_plot(app)},
   };
   CLI11_PARSE(app, argc, argv);
   try {

@@ -6,7 +6,8 @@
 namespace ossrl {
 
 std::vector<Generation> generate(CpuModel& model, const std::vector<std::vector<int32_t>>& prompts,
-                                 const GenerateOptions& options) {
+                                 const GenerateOptions& options,
+                                 std::span<const LayerAdapters* const> adapters) {
   const size_t batch = prompts.size();
   std::vector<Generation> out(batch);
   if (batch == 0 || options.max_new_tokens <= 0) return out;
@@ -33,7 +34,7 @@ std::vector<Generation> generate(CpuModel& model, const std::vector<std::vector<
   }
 
   while (!active.empty()) {
-    const std::vector<float> logits = model.forward(tokens, offsets, step_caches, LogitsFor::LastTokens);
+    const std::vector<float> logits = model.forward(tokens, offsets, step_caches, LogitsFor::LastTokens, adapters);
     std::vector<size_t> still_active;
     tokens.clear();
     offsets.assign(1, 0);

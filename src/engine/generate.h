@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "engine/sampling.h"
@@ -31,8 +32,10 @@ struct Generation {
   bool stopped = false;  // true: ended on a stop token; false: reached max_new_tokens
 };
 
-// One Generation per prompt, in order. Every prompt must hold at least one token.
+// One Generation per prompt, in order. Every prompt must hold at least one token. adapters
+// (one per layer, or empty) run the model with LoRA: the trainer's current policy.
 std::vector<Generation> generate(CpuModel& model, const std::vector<std::vector<int32_t>>& prompts,
-                                 const GenerateOptions& options);
+                                 const GenerateOptions& options,
+                                 std::span<const LayerAdapters* const> adapters = {});
 
 }  // namespace ossrl

@@ -20,11 +20,12 @@ CpuModel::CpuModel(const std::string& dir)
       rope_(rope_frequencies(config_.rope, config_.head_dim)) {}
 
 std::vector<float> CpuModel::forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                                     std::span<KvCache* const> caches, LogitsFor which) {
+                                     std::span<KvCache* const> caches, LogitsFor which,
+                                     std::span<const LayerAdapters* const> adapters) {
   // One cache per sequence (decoder_forward also accepts none, for whole sequences).
   OSSRL_CHECK(caches.size() + 1 == offsets.size(), "ragged batch: {} offsets need {} caches, got {}",
               offsets.size(), offsets.empty() ? 0 : offsets.size() - 1, caches.size());
-  std::vector<float> hidden = decoder_forward(ref(), tokens, offsets, caches, {}, nullptr);
+  std::vector<float> hidden = decoder_forward(ref(), tokens, offsets, caches, adapters, nullptr);
   const int64_t h = config_.hidden_size;
   int64_t rows = int64_t(tokens.size());
   if (which == LogitsFor::LastTokens) {

@@ -44,8 +44,11 @@ class CpuModel {
   // with the whole prompt on an empty cache; a decode step a call with one token each.
   // Returns fp32 logits [tokens, vocab] (AllTokens) or [sequences, vocab] for each
   // sequence's last token (LastTokens: the vocabulary is 201088 wide on the real models).
+  // adapters: one per layer (train/lora.h's Lora::layer), or empty for the checkpoint alone;
+  // the trainer samples its rollouts from base + LoRA this way.
   std::vector<float> forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                             std::span<KvCache* const> caches, LogitsFor which);
+                             std::span<KvCache* const> caches, LogitsFor which,
+                             std::span<const LayerAdapters* const> adapters = {});
 
   // log p(tokens[t] | the sequence's tokens before t) for every token of a ragged batch of
   // whole sequences (0 at each sequence's first token), [tokens]. Logits are formed a few

@@ -37,13 +37,16 @@ void gather_rows(float* rows, const float* hidden, int64_t h, const std::vector<
 
 void next_token_log_probs(float* logp, float* lse, float* entropy, const float* hidden,
                           std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                          const WeightMatrix& lm_head) {
+                          const WeightMatrix& lm_head, std::span<const uint8_t> wanted) {
   const int64_t h = lm_head.in;
   const int64_t vocab = lm_head.out;
   std::fill(logp, logp + tokens.size(), 0.0f);
   if (lse) std::fill(lse, lse + tokens.size(), 0.0f);
   if (entropy) std::fill(entropy, entropy + tokens.size(), 0.0f);
-  const std::vector<int64_t> predicted = predicted_tokens(offsets);
+  std::vector<int64_t> predicted = predicted_tokens(offsets);
+  if (!wanted.empty()) {
+    std::erase_if(predicted, [&](int64_t t) { return wanted[size_t(t)] == 0; });
+  }
   std::vector<float> rows(size_t(kRows * h)), logits(size_t(kRows * std::min(kVocab, vocab)));
   // Per row, online over the chunks: running max m, Σ exp(z - m), Σ exp(z - m) z, z[target].
   std::vector<float> m(kRows), sum(kRows), zsum(kRows), target(kRows);

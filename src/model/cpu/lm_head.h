@@ -16,10 +16,12 @@ namespace ossrl {
 //   lse[t] = log Σ_v exp(z_v);  logp[t] = z[tokens[t]] - lse[t];
 //   entropy[t] = lse[t] - Σ_v softmax(z)_v z_v.
 // At each sequence's first token all three are 0. logp [tokens]; lse and entropy [tokens]
-// or null (backward needs lse).
+// or null (backward needs lse). wanted [tokens] (empty: all): tokens with wanted[t] == 0 are
+// skipped and read 0, since each row costs hidden·vocab multiply-adds (a trainer needs only
+// the completion's).
 void next_token_log_probs(float* logp, float* lse, float* entropy, const float* hidden,
                           std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                          const WeightMatrix& lm_head);
+                          const WeightMatrix& lm_head, std::span<const uint8_t> wanted = {});
 
 // Backward for logp only (entropy is a diagnostic, not differentiated): given dlogp
 // [tokens] (ignored at sequence starts; rows with 0 are skipped),

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(cmake ninja-build g++ pkg-config libgtest-dev libgmock-dev nlohmann-json3-dev libpcre2-dev
-          libcli11-dev libfmt-dev libtomlplusplus-dev)
+          libcli11-dev libfmt-dev libtomlplusplus-dev libseccomp-dev)
 command -v npm >/dev/null || packages+=(nodejs npm)
 
 missing=()

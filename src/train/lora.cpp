@@ -22,14 +22,6 @@ const char* target_name(LoraTarget t) {
   return "?";
 }
 
-// splitmix64: mixes the dropout key's parts.
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ull;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-  return x ^ (x >> 31);
-}
-
 }  // namespace
 
 float LoraConfig::scaling() const {
@@ -199,9 +191,8 @@ void Lora::set_dropout(bool apply_dropout, uint64_t dropout_step) {
   const float p = apply_dropout ? float(config_.lora_dropout) : 0.0f;
   for (size_t l = 0; l < layers_.size(); ++l) {
     LayerAdapters& la = layers_[l];
-    // One key per (seed, step, layer, module, expert): distinct masks everywhere.
     auto key = [&](int module, int expert) {
-      return mix(mix(mix(mix(config_.seed) ^ dropout_step) ^ l) ^ uint64_t(module * 1000003 + expert + 1));
+      return lora_dropout_key(config_.seed, dropout_step, int(l), module, expert);
     };
     LowRankAdapter* dense[] = {&la.q_proj, &la.k_proj, &la.v_proj, &la.o_proj};
     for (int m = 0; m < 4; ++m) {

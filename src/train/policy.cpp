@@ -26,7 +26,9 @@ PolicyOutput Policy::forward(std::span<const int32_t> tokens, std::span<const in
   if (lora_) lora_->set_dropout(options.apply_dropout, options.dropout_step);
   const std::vector<const LayerAdapters*> adapters = layer_adapters(lora_, m.config.num_hidden_layers);
 
-  saved_ = {};
+  // A forward that keeps nothing (reference or old-policy log-probs) leaves an earlier
+  // kept forward in place for its backward.
+  if (options.keep_activations) saved_ = {};
   DecoderActivations* keep = options.keep_activations ? &saved_.decoder : nullptr;
   std::vector<float> hidden =
       decoder_forward(m, tokens, offsets, {}, adapters, keep, options_.recompute_activations);
@@ -36,7 +38,7 @@ PolicyOutput Policy::forward(std::span<const int32_t> tokens, std::span<const in
   if (options.entropy) out.entropy.resize(tokens.size());
   std::vector<float> lse(tokens.size());
   next_token_log_probs(out.log_probs.data(), lse.data(), options.entropy ? out.entropy.data() : nullptr,
-                       hidden.data(), tokens, offsets, m.weights.lm_head);
+                       hidden.data(), tokens, offsets, m.weights.lm_head, options.score_mask);
   if (options.keep_activations) {
     saved_.tokens.assign(tokens.begin(), tokens.end());
     saved_.offsets.assign(offsets.begin(), offsets.end());

@@ -35,6 +35,10 @@ struct PolicyForward {
   // LoRA dropout on (when lora_dropout > 0), with masks keyed by dropout_step.
   bool apply_dropout = true;
   uint64_t dropout_step = 0;
+  // [tokens] or empty (all): only tokens with score_mask[t] != 0 get a log-prob (and
+  // entropy); the rest read 0 and must get dlogp 0 in backward. Each scored token costs a
+  // hidden·vocab lm_head row, so a trainer scores only the completion.
+  std::span<const uint8_t> score_mask{};
 };
 
 struct PolicyOutput {
@@ -53,14 +57,17 @@ class Policy {
 
   // A ragged batch of whole sequences: sequence b is tokens[offsets[b] .. offsets[b+1]),
   // positions from 0, no padding. Computes log-probs (and entropy when asked) and, with
-  // keep_activations, keeps what backward needs (replacing any earlier forward's).
+  // keep_activations, keeps what backward needs (replacing any earlier forward's; a forward
+  // without it, e.g. the reference policy's with adapters off, leaves them in place).
+  // Uses the Lora's adapters_enabled state and sets its dropout; not thread-safe.
   PolicyOutput forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
                        const PolicyForward& options = {});
 
   // dlogp [tokens] = dLoss/dlog_probs of the last forward (kept activations); entries at
   // sequence starts are ignored. Accumulates (+=) into the grad of every Parameter of the
-  // Lora; call Lora::zero_grad between steps. Uses the Lora's adapters_enabled state and
-  // dropout as they were in that forward. Frees the activations.
+  // Lora; call Lora::zero_grad between steps. Differentiates the kept forward with the
+  // adapters and dropout masks it used (adapters must not have been switched off since).
+  // Frees the activations.
   void backward(std::span<const float> dlogp);
 
  private:

@@ -248,6 +248,34 @@ TEST_F(PolicyTest, SequenceStartsCarryNoGradientAndGradsAccumulate) {
   }
 }
 
+TEST_F(PolicyTest, AReferenceForwardInBetweenLeavesTheKeptForward) {
+  // GRPO's order: the policy's forward (kept, dropout on), the reference's with adapters
+  // off and nothing kept, then the policy's backward: the same grads as without the
+  // reference pass in between.
+  CpuModel model(dir_);
+  LoraConfig lc = full_lora(0.2);
+  Lora a(model.config(), model.weights(), lc), b(model.config(), model.weights(), lc);
+  randomise_b(a, 12);
+  randomise_b(b, 12);
+  Policy pa(model, &a), pb(model, &b);
+  const auto w = random_floats(kTokens.size(), 13);
+  PolicyForward train;
+  train.dropout_step = 7;
+  pa.forward(kTokens, kOffsets, train);
+  pa.backward(w);
+  pb.forward(kTokens, kOffsets, train);
+  b.set_adapters_enabled(false);
+  PolicyForward reference;
+  reference.keep_activations = false;
+  EXPECT_EQ(pb.forward(kTokens, kOffsets, reference).log_probs, model.log_probs(kTokens, kOffsets));
+  EXPECT_THROW(pb.backward(w), Error);  // adapters still off: refused, not silently wrong
+  b.set_adapters_enabled(true);
+  pb.backward(w);
+  for (size_t i = 0; i < a.parameters().size(); ++i) {
+    EXPECT_EQ(a.parameters()[i].grad, b.parameters()[i].grad) << a.parameters()[i].name;
+  }
+}
+
 TEST_F(PolicyTest, BackwardNeedsAKeptForward) {
   CpuModel model(dir_);
   Lora lora(model.config(), model.weights(), full_lora(0.0));

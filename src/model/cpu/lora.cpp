@@ -38,6 +38,12 @@ float lora_dropout_multiplier(uint64_t key, int64_t row_id, int64_t feature, flo
   return u < p ? 0.0f : 1.0f / (1.0f - p);
 }
 
+uint64_t lora_dropout_key(uint64_t seed, uint64_t step, int layer, int module, int expert) {
+  uint64_t h = splitmix(seed);
+  for (uint64_t part : {step, uint64_t(layer), uint64_t(module), uint64_t(int64_t(expert))}) h = splitmix(h ^ part);
+  return h;
+}
+
 void lora_forward(float* y, const float* x, const int64_t* row_ids, int64_t n, const LowRankAdapter& ad) {
   if (!ad.active() || n == 0) return;
   std::vector<float> dropped, u(size_t(n * ad.r)), delta(size_t(n * ad.out));

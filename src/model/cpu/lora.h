@@ -62,4 +62,8 @@ struct LayerAdapters {
 // The dropout multiplier of input (row id, feature): 0 or 1/(1 - p). Exposed for tests.
 float lora_dropout_multiplier(uint64_t key, int64_t row_id, int64_t feature, float p);
 
+// A dropout key per (seed, step, layer, module, expert; expert -1 for none): distinct
+// masks for every adapter and every step.
+uint64_t lora_dropout_key(uint64_t seed, uint64_t step, int layer, int module, int expert);
+
 }  // namespace ossrl

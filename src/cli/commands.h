@@ -13,6 +13,7 @@ using Command = std::function<void()>;
 Command add_generate(CLI::App& app);
 Command add_score(CLI::App& app);
 Command add_demo(CLI::App& app);
+Command add_grad(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_plot(CLI::App& app);
 

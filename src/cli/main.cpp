@@ -14,6 +14,7 @@ int main(int argc, char** argv) {
       {"generate", ossrl::cli::add_generate(app)},
       {"score", ossrl::cli::add_score(app)},
       {"demo", ossrl::cli::add_demo(app)},
+      {"grad", ossrl::cli::add_grad(app)},
       {"train", ossrl::cli::add_train(app)},
       {"plot", ossrl::cli::add_plot(app)},
   };

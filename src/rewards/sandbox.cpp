@@ -11,6 +11,7 @@
 #include <grp.h>
 #include <linux/capability.h>
 #include <linux/filter.h>
+#include <linux/landlock.h>
 #include <linux/seccomp.h>
 #include <poll.h>
 #include <sched.h>
@@ -30,6 +31,7 @@
 #include <cerrno>
 #include <cmath>
 #include <csignal>
+#include <ctime>
 #include <cstring>
 #include <filesystem>
 #include <mutex>
@@ -55,12 +57,12 @@ constexpr const char* kDevices[] = {"/dev/null", "/dev/zero", "/dev/urandom"};
 // What the child was doing when it failed; it reports {step, errno} on a CLOEXEC pipe.
 enum class Step : int { sync, setsid, mount_private, mount_stage, mkdir, symlink, bind, remount,
                         mount_tmp, pivot_root, chdir, remount_root, ids, caps, fds, nice, rlimit,
-                        no_new_privs, seccomp, exec };
+                        no_new_privs, landlock, seccomp, exec };
 constexpr const char* kStepNames[] = {"waiting for the id maps", "setsid", "making mounts private",
     "mounting the staging tmpfs", "mkdir", "symlink", "bind mount", "read-only remount",
     "mounting /tmp", "pivot_root", "chdir", "read-only remount of /", "dropping uid/gid",
     "dropping capabilities", "setting up stdin/stdout/stderr", "setpriority", "setrlimit",
-    "PR_SET_NO_NEW_PRIVS", "installing the seccomp filter", "execve"};
+    "PR_SET_NO_NEW_PRIVS", "Landlock", "installing the seccomp filter", "execve"};
 
 struct ChildFailure {
   Step step;
@@ -74,6 +76,34 @@ struct MountOp {
   unsigned long remount_flags = 0;
 };
 
+// Landlock (Linux 5.13+, no privilege needed): the file system as an allow-list of paths,
+// enforced by the kernel even where mount namespaces are unavailable.
+constexpr uint64_t kLandlockTruncate = 1ULL << 14;  // ABI 3
+constexpr uint64_t kLandlockIoctlDev = 1ULL << 15;  // ABI 5
+constexpr uint64_t kLandlockFileRights = LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_WRITE_FILE |
+                                         LANDLOCK_ACCESS_FS_READ_FILE | kLandlockTruncate | kLandlockIoctlDev;
+constexpr uint64_t kLandlockReadRights =
+    LANDLOCK_ACCESS_FS_EXECUTE | LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_READ_DIR;
+
+struct LandlockRule {
+  std::string path;
+  uint64_t access;
+};
+
+// The rights this kernel's Landlock can enforce; 0 without Landlock.
+uint64_t landlock_handled_rights() {
+  static const uint64_t rights = [] {
+    const long abi = syscall(SYS_landlock_create_ruleset, nullptr, 0, LANDLOCK_CREATE_RULESET_VERSION);
+    if (abi < 1) return uint64_t{0};
+    uint64_t r = (LANDLOCK_ACCESS_FS_MAKE_SYM << 1) - 1;  // ABI 1: execute .. make_sym
+    if (abi >= 2) r |= LANDLOCK_ACCESS_FS_REFER;
+    if (abi >= 3) r |= kLandlockTruncate;
+    if (abi >= 5) r |= kLandlockIoctlDev;
+    return r;
+  }();
+  return rights;
+}
+
 struct ChildPlan {
   bool namespaces = false;
   bool dry_run = false;            // do everything but exec (the support probe)
@@ -84,6 +114,8 @@ struct ChildPlan {
   std::string workdir;             // without namespaces: the private directory
   std::vector<const char*> argv, envp;
   std::vector<std::pair<int, rlim_t>> rlimits;
+  uint64_t landlock_handled = 0;   // 0: no Landlock
+  std::vector<LandlockRule> landlock;
   int nice = 0;
   const sock_fprog* filter = nullptr;
   int stdin_fd = -1, stdout_fd = -1, stderr_fd = -1, failure_fd = -1, sync_fd = -1;
@@ -148,6 +180,22 @@ void child_drop_ids(const ChildPlan& plan, uid_t id) {
   if (syscall(SYS_setresuid, id, id, id) != 0) child_fail(plan, Step::ids);
 }
 
+void child_landlock(const ChildPlan& plan) {
+  const landlock_ruleset_attr attr{plan.landlock_handled};
+  const int ruleset = static_cast<int>(syscall(SYS_landlock_create_ruleset, &attr, sizeof attr, 0));
+  if (ruleset < 0) child_fail(plan, Step::landlock);
+  for (const LandlockRule& rule : plan.landlock) {
+    const int fd = open(rule.path.c_str(), O_PATH | O_CLOEXEC);
+    if (fd < 0) child_fail(plan, Step::landlock);
+    const landlock_path_beneath_attr beneath{rule.access, fd};
+    if (syscall(SYS_landlock_add_rule, ruleset, LANDLOCK_RULE_PATH_BENEATH, &beneath, 0) != 0)
+      child_fail(plan, Step::landlock);
+    close(fd);
+  }
+  if (syscall(SYS_landlock_restrict_self, ruleset, 0) != 0) child_fail(plan, Step::landlock);
+  close(ruleset);
+}
+
 int child_main(void* arg) {
   const ChildPlan& plan = *static_cast<const ChildPlan*>(arg);
   if (plan.namespaces) {
@@ -195,6 +243,7 @@ int child_main(void* arg) {
     if (setrlimit(resource, &limit) != 0) child_fail(plan, Step::rlimit);
   }
   if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) child_fail(plan, Step::no_new_privs);
+  if (plan.landlock_handled != 0) child_landlock(plan);
   if (prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, plan.filter, 0, 0) != 0) child_fail(plan, Step::seccomp);
   if (plan.dry_run) _exit(0);
   execve(plan.argv[0], const_cast<char* const*>(plan.argv.data()), const_cast<char* const*>(plan.envp.data()));
@@ -463,6 +512,22 @@ ChildPlan make_plan(const SandboxSpec& spec, bool namespaces, std::string& workd
       {RLIMIT_MSGQUEUE, 0},
   };
   plan.nice = limits.nice;
+  // Landlock: read and execute the listed paths, write only the private directory.
+  if ((plan.landlock_handled = landlock_handled_rights()) != 0) {
+    auto allow = [&](const std::string& path, uint64_t access) {
+      struct stat st;
+      OSSRL_CHECK(stat(path.c_str(), &st) == 0, "sandbox: read-only path {} does not exist", path);
+      if (!S_ISDIR(st.st_mode)) access &= kLandlockFileRights;
+      plan.landlock.push_back({path, access & plan.landlock_handled});
+    };
+    for (const std::string& path : spec.read_only) allow(path, kLandlockReadRights);
+    allow("/dev/null", LANDLOCK_ACCESS_FS_READ_FILE | LANDLOCK_ACCESS_FS_WRITE_FILE | kLandlockTruncate |
+                           kLandlockIoctlDev);
+    for (const char* device : {"/dev/zero", "/dev/urandom"}) allow(device, LANDLOCK_ACCESS_FS_READ_FILE);
+    // With namespaces the rules are made after pivot_root, where the paths are the same
+    // and the private /tmp is the writable one.
+    plan.landlock.push_back({namespaces ? "/tmp" : workdir, plan.landlock_handled});
+  }
   return plan;
 }
 
@@ -491,9 +556,10 @@ const SandboxSupport& sandbox_support() {
     if (!s.namespaces)
       fmt::print(stderr,
                  "ossrl sandbox: WARNING: no user namespaces here ({}). Sandboxed code runs with "
-                 "rlimits, seccomp (no sockets, no fork) and {} only: no read-only root, no "
-                 "private network or pid namespace.\n",
-                 s.reason, geteuid() == 0 ? "as a uid of its own" : "(refused: not root)");
+                 "rlimits, seccomp (no sockets, no fork, no signals), {} and {} only: no minimal "
+                 "root, no private network or pid namespace.\n",
+                 s.reason, landlock_handled_rights() ? "Landlock (read-only file system)" : "NO Landlock",
+                 geteuid() == 0 ? "a uid of its own" : "(refused: not root)");
     return s;
   }();
   return support;
@@ -520,6 +586,7 @@ SandboxProcess::SandboxProcess(const SandboxSpec& spec) : limits_(spec.limits) {
     for (const char* layer : {"user_ns", "mount_ns (read-only root)", "net_ns", "pid_ns", "ipc_ns"})
       missing_.push_back(fmt::format("{}: {}", layer, why));
   }
+  if (landlock_handled_rights() == 0) missing_.push_back("landlock: not supported by this kernel");
   std::string workdir;
   ChildPlan plan = make_plan(spec, namespaces, workdir);
   workdir_ = workdir;
@@ -681,6 +748,13 @@ const SandboxExit& SandboxProcess::kill(SandboxEnd why) {
   ::kill(pid_, SIGKILL);
   reap(0);
   return exit_;
+}
+
+double SandboxProcess::cpu_seconds() const {
+  clockid_t clock;
+  timespec t{};
+  if (!running() || clock_getcpuclockid(pid_, &clock) != 0 || clock_gettime(clock, &t) != 0) return 0;
+  return static_cast<double>(t.tv_sec) + 1e-9 * static_cast<double>(t.tv_nsec);
 }
 
 void SandboxProcess::pause() {

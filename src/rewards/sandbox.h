@@ -8,6 +8,8 @@
 //              core dumps; the parent enforces wall time and output size and kills
 //   seccomp    no sockets of any family, no fork/vfork (threads only), no ptrace, mount,
 //              namespaces, bpf, perf, keyrings, io_uring, module or clock syscalls
+//   landlock   the file system as an allow-list (Linux 5.13+, needs no privilege): read and
+//              execute the listed paths, write only the private directory
 //   user_ns    unprivileged ids: inside uid 1000 maps to nobody (65534) when the harness
 //              is root, to the harness's own uid otherwise
 //   mount_ns   a minimal root: only the listed host paths, bound read-only; a private
@@ -19,8 +21,9 @@
 //   ipc_ns, uts_ns  no System V IPC or host name shared with the host
 // process, rlimits and seccomp are always on: if seccomp cannot be installed the spawn
 // fails. Namespaces need unprivileged user namespaces (absent in many containers); without
-// them the sandbox runs as nobody (when root) in a private temporary directory, says so on
-// stderr once, and lists what is missing in SandboxProcess::missing_layers().
+// them the sandbox runs (only if the harness is root) as a uid of its own in a private
+// temporary directory under Landlock, says so on stderr once, and lists what is missing in
+// SandboxProcess::missing_layers().
 #pragma once
 
 #include <sys/types.h>
@@ -104,6 +107,9 @@ class SandboxProcess {
   // Stops / resumes every thread (so it cannot take CPU from a measurement elsewhere).
   void pause();
   void resume();
+
+  // CPU time (user + system, all threads) used so far; 0 once it has ended.
+  double cpu_seconds() const;
 
   pid_t pid() const { return pid_; }
   const SandboxExit& exit() const { return exit_; }

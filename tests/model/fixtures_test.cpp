@@ -1,5 +1,5 @@
 // The CPU reference against transformers: every model folder under tests/fixtures/ that
-// holds a reference.safetensors (scripts/fixtures/make_fixtures.py wrote them with
+// holds a checkpoint (config.json) and a reference.safetensors (scripts/fixtures/make_fixtures.py wrote them with
 // transformers in fp32) is one case of this sweep.
 #include <gtest/gtest.h>
 
@@ -25,7 +25,9 @@ std::vector<std::string> fixture_models() {
   std::vector<std::string> names;
   if (!std::filesystem::is_directory(OSSRL_FIXTURE_DIR)) return names;
   for (const auto& entry : std::filesystem::directory_iterator(OSSRL_FIXTURE_DIR)) {
-    if (std::filesystem::exists(entry.path() / "reference.safetensors")) {
+    // Other fixture folders (trl_grpo/, grad-*/) hold references of other kinds.
+    if (std::filesystem::exists(entry.path() / "reference.safetensors") &&
+        std::filesystem::exists(entry.path() / "config.json")) {
       names.push_back(entry.path().filename().string());
     }
   }

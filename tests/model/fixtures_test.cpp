@@ -1,6 +1,6 @@
 // The CPU reference against transformers: every model folder under tests/fixtures/ that
-// holds a checkpoint (config.json) and a reference.safetensors (scripts/fixtures/make_fixtures.py wrote them with
-// transformers in fp32) is one case of this sweep.
+// holds a checkpoint (config.json) and a reference.safetensors (made by
+// scripts/fixtures/make_fixtures.py with transformers in fp32) is one case of this sweep.
 #include <gtest/gtest.h>
 
 #include <algorithm>

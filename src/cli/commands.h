@@ -16,5 +16,6 @@ Command add_demo(CLI::App& app);
 Command add_grad(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_plot(CLI::App& app);
+Command add_reward(CLI::App& app);
 
 }  // namespace ossrl::cli

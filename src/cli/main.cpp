@@ -17,6 +17,7 @@ int main(int argc, char** argv) {
       {"grad", ossrl::cli::add_grad(app)},
       {"train", ossrl::cli::add_train(app)},
       {"plot", ossrl::cli::add_plot(app)},
+      {"reward", ossrl::cli::add_reward(app)},
   };
   CLI11_PARSE(app, argc, argv);
   try {

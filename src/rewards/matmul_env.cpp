@@ -173,7 +173,9 @@ class Solution {
  public:
   Solution(const MatmulOptions& options, const std::string& code) {
     SandboxSpec spec = python_sandbox_spec(python_runtime(options.python, options.allowed_modules),
-                                           matmul_runner_script(), {allowed_csv(options)}, options.limits);
+                                           matmul_runner_script(),
+                                           {allowed_csv(options), options.import_guard ? "guard" : "bare"},
+                                           options.limits);
     spec.use_namespaces = options.use_namespaces;
     process_ = std::make_unique<SandboxProcess>(spec);
     load_seconds_ = options.load_seconds;

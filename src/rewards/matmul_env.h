@@ -21,7 +21,9 @@ namespace ossrl {
 
 struct MatmulOptions {
   int workers = 0;              // evaluations in parallel; 0: one per core
-  bool static_check = true;     // false only to test the run-time layers on their own
+  bool static_check = true;     // false only to test the layers below it on their own
+  bool import_guard = true;     // the runner's import guard and reduced builtins; false only
+                                //   to test the sandbox on its own
   bool use_namespaces = true;   // false: the no-user-namespace fallback (tests)
   int timed_repetitions = 3;    // timed products, each with fresh inputs
   int bench_min = 40;           // the timed products are m x k @ k x n with m, k, n drawn

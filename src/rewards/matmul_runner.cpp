@@ -11,6 +11,7 @@ const std::string& matmul_runner_script() {
 import ast, builtins, importlib, os, sys, types
 
 ALLOWED = [m for m in sys.argv[1].split(",") if m]
+GUARD = sys.argv[2] == "guard"  # "bare": real builtins and imports (to test the sandbox alone)
 # Builtins and names a matrix product has no use for, through which code reaches the
 # interpreter, the file system or other modules.
 FORBIDDEN_NAMES = {"eval", "exec", "compile", "open", "input", "breakpoint", "globals", "locals",
@@ -113,7 +114,7 @@ def guarded_import(name, globals=None, locals=None, fromlist=(), level=0):
 
 safe_builtins = {k: v for k, v in vars(builtins).items() if k not in FORBIDDEN_NAMES}
 safe_builtins["__import__"] = guarded_import
-namespace = {"__builtins__": safe_builtins, "__name__": "solution"}
+namespace = {"__builtins__": safe_builtins, "__name__": "solution"} if GUARD else {"__name__": "solution"}
 try:
     exec(compile(tree, "<solution>", "exec"), namespace)
     matmul = namespace.get("matmul")

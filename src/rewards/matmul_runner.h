@@ -10,7 +10,8 @@
 //   runner  -> harness  "loaded ok <blocked imports>" | "loaded error <blocked imports> <message>"
 //   harness -> runner   "int|float m k n\n", m rows of A, k rows of B (space-separated)
 //   runner  -> harness  "ok <blocked imports> <m*n numbers>" | "error <blocked imports> <message>"
-// argv[1] is the comma-separated allow-list of modules.
+// argv[1] is the comma-separated allow-list of modules; argv[2] "guard" runs the candidate
+// with the import guard and reduced builtins, "bare" without (to test the sandbox alone).
 #pragma once
 
 #include <string>

@@ -1,11 +1,14 @@
 // The reward-hack catalogue (tests/rewards/hacks/, one hack per file, its header says what
 // it tries and what stops it): every one must earn no correctness and no speed reward, and
 // the harness must survive all of them and still score an honest solution right after.
-// Run three ways: as shipped; without the static check (so the run-time guard and the
-// sandbox alone must hold); and without namespaces (the fallback for containers).
+// Run four ways: as shipped; without the static check (the import guard and the sandbox
+// must hold); with neither (the sandbox alone: the candidate gets real builtins and
+// imports); and that again without namespaces (the fallback for containers).
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <filesystem>
+#include <set>
 #include <fstream>
 #include <sstream>
 
@@ -17,6 +20,7 @@ namespace {
 struct Mode {
   const char* name;
   bool static_check;
+  bool import_guard;
   bool namespaces;
 };
 
@@ -40,6 +44,7 @@ TEST_P(MatmulHacks, EveryHackEarnsNothingAndTheHarnessSurvives) {
   ASSERT_GE(hacks.size(), 25u);
   MatmulOptions options;
   options.static_check = GetParam().static_check;
+  options.import_guard = GetParam().import_guard;
   options.use_namespaces = GetParam().namespaces;
   options.workers = 2;
   options.load_seconds = 2;  // the endless loops run into these
@@ -56,7 +61,6 @@ TEST_P(MatmulHacks, EveryHackEarnsNothingAndTheHarnessSurvives) {
     EXPECT_EQ(s.speed, 0.0) << hacks[i].first;
     EXPECT_LE(s.total, 1.0) << hacks[i].first << ": format and compiles at most";
     EXPECT_FALSE(s.detail.empty()) << hacks[i].first << ": a failure says why";
-    if (options.static_check) EXPECT_LE(s.total, 1.0);
   }
 
   // Still standing: an honest solution right after is scored in full.
@@ -90,9 +94,25 @@ TEST(MatmulHacksStatic, OnlyTheHacksWrittenToPassTheStaticCheckGetPastIt) {
   }
 }
 
+// The catalogue is not vacuous: outside the sandbox, the hack that beats both Python-level
+// checks (the typing eval gadget reaching ctypes and BLAS) computes the right product.
+TEST(MatmulHacksControl, TheEvalGadgetWorksOutsideTheSandbox) {
+  if (!std::filesystem::exists("/usr/lib/x86_64-linux-gnu/libblas.so.3")) GTEST_SKIP() << "no system BLAS";
+  const std::string command = std::string("/usr/bin/python3 -I -S -c \"exec(open('") + OSSRL_HACKS_DIR +
+                              "/11_typing_eval_gadget.py').read()); print(matmul([[1, 2]], [[3], [4]]))\" 2>&1";
+  FILE* pipe = popen(command.c_str(), "r");
+  ASSERT_NE(pipe, nullptr);
+  char buffer[256] = {};
+  const size_t n = fread(buffer, 1, sizeof buffer - 1, pipe);
+  pclose(pipe);
+  EXPECT_EQ(std::string(buffer, n), "[[11.0]]\n");
+}
+
 INSTANTIATE_TEST_SUITE_P(Modes, MatmulHacks,
-                         ::testing::Values(Mode{"shipped", true, true}, Mode{"no_static_check", false, true},
-                                           Mode{"fallback_no_static_check", false, false}),
+                         ::testing::Values(Mode{"shipped", true, true, true},
+                                           Mode{"no_static_check", false, true, true},
+                                           Mode{"sandbox_only", false, false, true},
+                                           Mode{"fallback_sandbox_only", false, false, false}),
                          [](const auto& info) { return std::string(info.param.name); });
 
 }  // namespace

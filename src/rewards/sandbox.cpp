@@ -492,6 +492,11 @@ ChildPlan make_plan(const SandboxSpec& spec, bool namespaces, std::string& workd
                 "sandbox: user namespaces are unavailable ({}) and this is not root, so sandboxed code "
                 "would run as this user; refusing. Enable unprivileged user namespaces or run as root.",
                 sandbox_support().reason);
+    OSSRL_CHECK(landlock_handled_rights() != 0,
+                "sandbox: neither user namespaces ({}) nor Landlock are available, so sandboxed code could "
+                "read every file and load every library here (BLAS through ctypes, say); refusing. Enable "
+                "unprivileged user namespaces, or boot with Landlock among the LSMs (lsm=landlock,...).",
+                sandbox_support().reason);
     static std::atomic<uid_t> next_uid{0};
     plan.lone_uid = kLoneUidBase + next_uid++ % kLoneUidCount;
     plan.drop_groups = true;
@@ -536,6 +541,7 @@ ChildPlan make_plan(const SandboxSpec& spec, bool namespaces, std::string& workd
 const SandboxSupport& sandbox_support() {
   static const SandboxSupport support = [] {
     SandboxSupport s;
+    s.landlock = landlock_handled_rights() != 0;
     SandboxSpec spec;
     std::string workdir;
     try {

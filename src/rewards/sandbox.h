@@ -21,9 +21,10 @@
 //   ipc_ns, uts_ns  no System V IPC or host name shared with the host
 // process, rlimits and seccomp are always on: if seccomp cannot be installed the spawn
 // fails. Namespaces need unprivileged user namespaces (absent in many containers); without
-// them the sandbox runs (only if the harness is root) as a uid of its own in a private
-// temporary directory under Landlock, says so on stderr once, and lists what is missing in
-// SandboxProcess::missing_layers().
+// them the sandbox runs (only if the harness is root, and only under Landlock) as a uid of
+// its own in a private temporary directory, says so on stderr once, and lists what is
+// missing in SandboxProcess::missing_layers(). With neither namespaces nor Landlock it
+// refuses: the code could read every file and load every library of the machine.
 #pragma once
 
 #include <sys/types.h>
@@ -64,6 +65,7 @@ struct SandboxSpec {
 struct SandboxSupport {
   bool namespaces = false;
   std::string reason;
+  bool landlock = false;  // the kernel enforces Landlock file-system rules
 };
 const SandboxSupport& sandbox_support();
 

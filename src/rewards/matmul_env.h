@@ -5,9 +5,10 @@
 // runner (matmul_runner.h) drives over pipes. Everything that judges it lives here, in the
 // harness process: the inputs are drawn from std::random_device only after the code has
 // loaded, the expected products are computed here, every result comes back as text and is
-// parsed strictly, and the clock that times it is ours. Timing interleaves the candidate
-// with a naive reference solution run the same way, each paused while the other is timed,
-// with fresh inputs every repetition. docs/sandbox.md lists the hacks this answers.
+// parsed strictly, and the clocks that time it are ours. Timing interleaves the candidate
+// with a naive reference solution run the same way, each stopped while the other is timed,
+// with fresh inputs every repetition, and compares the CPU time the kernel charged to each
+// process. docs/sandbox.md lists the hacks this answers.
 #pragma once
 
 #include <optional>
@@ -50,7 +51,7 @@ struct MatmulScore {
   bool compiles = false;   // ran in the sandbox and defined a callable matmul
   bool correct = false;    // exact (ints) / within rounding (floats) on every hidden case
                            //   and every timed product
-  double speedup = 0;      // reference time / candidate time, summed over the repetitions
+  double speedup = 0;      // reference / candidate CPU time, summed over the repetitions
   double speed = 0;        // clamp(log2(speedup), -1, 2) when correct, else 0
   double total = 0;        // the reward (see matmul_total)
   std::string detail;      // why the first failing part failed, or the timings

@@ -386,8 +386,7 @@ struct Pipe {
     read = fds[0];
     write = fds[1];
   }
-  ~Pipe() { close_both(); }
-  void close_both() {
+  ~Pipe() {
     close_fd(read);
     close_fd(write);
   }
@@ -417,7 +416,7 @@ void write_id_maps(pid_t child) {
 }
 
 // Starts the child described by `plan` (its pipe fds are filled in here). Returns the pid
-// and pidfd, or fails with the step the child reported.
+// and our ends of its pipes, or fails with the step the child reported.
 struct Spawned {
   pid_t pid = -1;
   int stdin_fd = -1, stdout_fd = -1, stderr_fd = -1;

@@ -1,6 +1,6 @@
 // `ossrl demo`: GRPO visibly learning on a laptop CPU (train/demo_task.h). A tiny random
 // gpt-oss is warmed up with a few SFT steps on single-digit addition, then GRPO with an
-// exact-match reward raises its held-out greedy accuracy; a table sums it up.
+// exact-match reward trains it further; a table sums up the accuracy along the way.
 #include <fmt/format.h>
 
 #include <cmath>
@@ -37,7 +37,7 @@ void run(DemoArgs& args) {
                cell(e.accuracy * 100, "{:.0f}%"), cell(e.reward, "{:.3f}"), cell(e.train_reward, "{:.3f}"),
                cell(e.kl, "{:.4f}"));
   }
-  fmt::print("\nheld-out accuracy (greedy, exact match): {:.0f}% after SFT -> {:.0f}% after GRPO ({:+.0f} points) "
+  fmt::print("\naccuracy (greedy, exact match, 100 problems): {:.0f}% after SFT -> {:.0f}% after GRPO ({:+.0f} points) "
              "in {:.0f} s\n",
              report.accuracy_before_grpo * 100, report.accuracy_after_grpo * 100,
              (report.accuracy_after_grpo - report.accuracy_before_grpo) * 100, report.seconds);

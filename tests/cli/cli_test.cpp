@@ -140,10 +140,14 @@ TEST(Cli, GenerateReportsBadCheckpoint) {
 // The demo runs the whole path and checks itself (cached decode == full pass); `generate`
 // on its checkpoint is deterministic for a seed and prints the timing line.
 TEST(Cli, DemoAndGenerateRun) {
-  const fs::path dir = temp_dir("demo") / "model";
-  RunResult demo = run_ossrl("demo --model " + dir.string() + " --num-generations 2 --max-new-tokens 8");
+  // A shortened demo (the full one takes minutes): both phases, evaluations, the table.
+  const fs::path work = temp_dir("demo");
+  const fs::path dir = work / "model";
+  RunResult demo = run_ossrl("demo --work-dir " + work.string() + " --sft-steps 2 --grpo-steps 1 --eval-steps 1");
   ASSERT_EQ(demo.exit_code, 0) << demo.output;
-  EXPECT_NE(demo.output.find("max |difference|"), std::string::npos) << demo.output;
+  EXPECT_NE(demo.output.find("accuracy (greedy, exact match, 100 problems)"), std::string::npos) << demo.output;
+  EXPECT_NE(demo.output.find("eval @ step 1"), std::string::npos) << demo.output;
+  EXPECT_TRUE(fs::exists(work / "grpo" / "adapter" / "adapter_model.safetensors"));
 
   const std::string args = "generate --model " + dir.string() +
                            " --prompt 'What is 2+2?' --max-new-tokens 6 --temperature 0.8 --top-p 0.9 --seed 7"

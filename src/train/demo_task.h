@@ -8,7 +8,7 @@
 // exact match on the 100 problems (the trainer's held-out split is not used here: measured
 // on 20 held-out sums the model hardly generalises at this size and budget).
 //
-// Measured (seed 1, 2 threads each, docs/benchmarks.md): SFT 150 steps lifts accuracy from
+// Measured (seed 1; docs/benchmarks.md has the sweep): SFT 150 steps lifts accuracy from
 // 0% to 29%; GRPO 150 steps (8 prompts x 8 completions, lr 3e-3) then moves it to 41%, but
 // not monotonically (21% at step 25) and other settings did worse (lr 5e-3 and 1e-2
 // collapse, 200 SFT steps then GRPO fell 39% -> 30%): the demo shows the whole loop working

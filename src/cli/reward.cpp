@@ -16,6 +16,7 @@
 
 #include "cli/commands.h"
 #include "core/error.h"
+#include "io/json_file.h"
 #include "rewards/matmul_env.h"
 
 namespace ossrl::cli {
@@ -37,13 +38,7 @@ struct Item {
 };
 
 Item parse_item(const std::string& line, const std::string& where) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(line);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON ({})", where, e.what());
-  }
-  OSSRL_CHECK(j.is_object(), "{}: expected a JSON object", where);
+  const nlohmann::json j = parse_json_object(line, where);
   Item item;
   if (j.contains("id")) item.id = j["id"];
   try {

@@ -19,6 +19,7 @@
 #include "cli/commands.h"
 #include "cli/options.h"
 #include "core/error.h"
+#include "io/json_file.h"
 #include "model/cpu_model.h"
 #include "tokenizer/harmony.h"
 #include "tokenizer/tokenizer.h"
@@ -45,13 +46,7 @@ struct Sample {
 
 Sample parse_sample(const std::string& line, const std::string& where, const Tokenizer& tokenizer,
                     ReasoningEffort effort, int vocab_size) {
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(line);
-  } catch (const nlohmann::json::exception& e) {
-    fail("{}: not valid JSON ({})", where, e.what());
-  }
-  OSSRL_CHECK(j.is_object(), "{}: expected a JSON object", where);
+  const nlohmann::json j = parse_json_object(line, where);
   Sample sample;
   if (j.contains("id")) sample.id = j["id"];
   try {

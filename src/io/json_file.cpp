@@ -16,4 +16,15 @@ nlohmann::json read_json_file(const std::string& path) {
   }
 }
 
+nlohmann::json parse_json_object(const std::string& line, const std::string& where) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(line);
+  } catch (const nlohmann::json::exception& e) {
+    fail("{}: not valid JSON ({})", where, e.what());
+  }
+  OSSRL_CHECK(j.is_object(), "{}: expected a JSON object", where);
+  return j;
+}
+
 }  // namespace ossrl

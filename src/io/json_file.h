@@ -1,5 +1,5 @@
-// Reading a JSON file with errors a user can act on: "<path>: cannot open" or
-// "<path>: not valid JSON: <parser message>".
+// Reading JSON with errors a user can act on: "<path>: cannot open",
+// "<path>: not valid JSON: <parser message>", "<file>:<line>: expected a JSON object".
 #pragma once
 
 #include <string>
@@ -9,5 +9,9 @@
 namespace ossrl {
 
 nlohmann::json read_json_file(const std::string& path);
+
+// One line of a JSONL file, which must hold an object; `where` ("data.jsonl:12") starts the
+// message of the Error thrown otherwise.
+nlohmann::json parse_json_object(const std::string& line, const std::string& where);
 
 }  // namespace ossrl

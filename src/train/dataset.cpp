@@ -7,6 +7,7 @@
 #include <numeric>
 
 #include "core/error.h"
+#include "io/json_file.h"
 #include "engine/sampling.h"
 
 namespace ossrl {
@@ -92,13 +93,7 @@ std::vector<Example> load_dataset(const std::string& path, const Tokenizer& toke
   for (int64_t number = 1; std::getline(in, line); ++number) {
     if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
     const std::string source = fmt::format("{}:{}", path, number);
-    nlohmann::json row;
-    try {
-      row = nlohmann::json::parse(line);
-    } catch (const nlohmann::json::parse_error& e) {
-      fail("{}: not JSON ({})", source, e.what());
-    }
-    out.push_back(make_example(row, tokenizer, format, need_completion, source));
+    out.push_back(make_example(parse_json_object(line, source), tokenizer, format, need_completion, source));
     out.back().line = number;
   }
   OSSRL_CHECK(!out.empty(), "the dataset {} has no rows", path);

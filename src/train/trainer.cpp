@@ -27,6 +27,21 @@ double seconds_since(Clock::time_point start) {
 }
 
 // nanmean / Bessel nanstd of a column, as TRL's reward metrics.
+// The metrics every update step reports: the optimiser's verdict, the learning rate, and the
+// step's wall time and throughput (tokens generated and trained since `start`).
+void add_step_report(nlohmann::json& row, const StepReport& report, double lr, Clock::time_point start,
+                     int64_t tokens) {
+  row["grad_norm"] = report.grad_norm;
+  row["learning_rate"] = lr;
+  row["skipped"] = !report.applied();
+  if (!report.applied()) {
+    row["skip_reason"] = report.status == StepStatus::skipped_nonfinite_loss ? "non-finite loss" : "non-finite gradient";
+  }
+  const double seconds = seconds_since(start);
+  row["step_time"] = seconds;
+  row["tokens_per_second"] = double(tokens) / seconds;
+}
+
 std::pair<double, double> nan_mean_std(const std::vector<double>& values) {
   double sum = 0, n = 0;
   for (double v : values) {
@@ -386,15 +401,7 @@ nlohmann::json Trainer::grpo_step() {
   row["clip_ratio/region_mean"] = region / denom;
   row["clip_ratio/low_min"] = active > 0 ? low_min : 0.0;
   row["clip_ratio/high_max"] = active > 0 ? high_max : 0.0;
-  row["grad_norm"] = report.grad_norm;
-  row["learning_rate"] = lr;
-  row["skipped"] = !report.applied();
-  if (!report.applied()) {
-    row["skip_reason"] = report.status == StepStatus::skipped_nonfinite_loss ? "non-finite loss" : "non-finite gradient";
-  }
-  const double seconds = seconds_since(start);
-  row["step_time"] = seconds;
-  row["tokens_per_second"] = double(generated_tokens + trained_tokens) / seconds;
+  add_step_report(row, report, lr, start, generated_tokens + trained_tokens);
   return row;
 }
 
@@ -432,15 +439,7 @@ nlohmann::json Trainer::sft_step() {
   nlohmann::json row;
   row["loss"] = step_loss;
   row["num_tokens"] = num_items;
-  row["grad_norm"] = report.grad_norm;
-  row["learning_rate"] = lr;
-  row["skipped"] = !report.applied();
-  if (!report.applied()) {
-    row["skip_reason"] = report.status == StepStatus::skipped_nonfinite_loss ? "non-finite loss" : "non-finite gradient";
-  }
-  const double seconds = seconds_since(start);
-  row["step_time"] = seconds;
-  row["tokens_per_second"] = double(trained_tokens) / seconds;
+  add_step_report(row, report, lr, start, trained_tokens);
   return row;
 }
 

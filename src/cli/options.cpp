@@ -2,6 +2,11 @@
 
 #include <fmt/format.h>
 
+#include <cstdio>
+#include <utility>
+
+#include "core/error.h"
+
 #include "tokenizer/tokenizer.h"
 
 namespace ossrl::cli {
@@ -40,6 +45,19 @@ void add_tokenizer_option(CLI::App* command, std::string& path) {
   path = Tokenizer::default_path();
   command->add_option("--tokenizer", path, "o200k_harmony rank file written by scripts/setup.sh")
       ->capture_default_str();
+}
+
+ResultsOutput::ResultsOutput(std::string path) : path_(std::move(path)) {
+  if (path_.empty()) return;
+  file_.open(path_ + ".partial");
+  OSSRL_CHECK(file_, "cannot write {}.partial", path_);
+}
+
+void ResultsOutput::commit() {
+  if (path_.empty()) return;
+  file_.close();
+  const std::string partial = path_ + ".partial";
+  OSSRL_CHECK(file_ && std::rename(partial.c_str(), path_.c_str()) == 0, "cannot write {}", path_);
 }
 
 std::string format_seconds(double seconds) {

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/options.h"
 #include "core/error.h"
 #include "io/json_file.h"
 #include "rewards/matmul_env.h"
@@ -78,15 +79,8 @@ void run_reward(const RewardArgs& args) {
   const std::vector<MatmulScore> scores = env.evaluate(codes);
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
-  // Written to NAME.partial and renamed at the end, so an interrupted run leaves no
-  // truncated output that looks complete.
-  const std::string partial = args.output + ".partial";
-  std::ofstream file;
-  if (!args.output.empty()) {
-    file.open(partial);
-    OSSRL_CHECK(file, "cannot write {}", partial);
-  }
-  std::ostream& out = args.output.empty() ? std::cout : file;
+  ResultsOutput output(args.output);
+  std::ostream& out = output.stream();
   size_t next = 0, correct = 0;
   double sum = 0;
   for (const Item& item : items) {
@@ -99,10 +93,7 @@ void run_reward(const RewardArgs& args) {
     sum += s.total;
     correct += s.correct;
   }
-  if (!args.output.empty()) {
-    file.close();
-    OSSRL_CHECK(file && std::rename(partial.c_str(), args.output.c_str()) == 0, "cannot write {}", args.output);
-  }
+  output.commit();
   fmt::print(stderr, "{} completions, {} run, {} correct, mean reward {:.3f}; {:.2f} s with {} workers: {:.2f} evaluations/s\n",
              items.size(), codes.size(), correct, items.empty() ? 0.0 : sum / static_cast<double>(items.size()),
              seconds, env.workers(), seconds > 0 ? static_cast<double>(codes.size()) / seconds : 0.0);

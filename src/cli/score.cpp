@@ -99,15 +99,8 @@ void run(const ScoreArgs& args) {
   CpuModel model(args.model_dir);
   const std::vector<Sample> samples = read_samples(args, *tokenizer, model.config().vocab_size);
 
-  // Written beside the target and renamed at the end: an interrupted run leaves no
-  // truncated output that looks complete.
-  const std::string partial = args.output + ".partial";
-  std::ofstream file;
-  if (!args.output.empty()) {
-    file.open(partial);
-    OSSRL_CHECK(file, "cannot write {}", partial);
-  }
-  std::ostream& out = args.output.empty() ? std::cout : file;
+  ResultsOutput output(args.output);
+  std::ostream& out = output.stream();
 
   const auto start = std::chrono::steady_clock::now();
   size_t scored_tokens = 0;
@@ -139,10 +132,7 @@ void run(const ScoreArgs& args) {
     out.flush();
     fmt::print(stderr, "\rscored {}/{} samples", end, samples.size());
   }
-  if (!args.output.empty()) {
-    file.close();
-    OSSRL_CHECK(file && std::rename(partial.c_str(), args.output.c_str()) == 0, "cannot write {}", args.output);
-  }
+  output.commit();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   fmt::print(stderr, "\rscored {} samples, {} tokens in {} ({:.1f} tokens/s)\n", samples.size(), scored_tokens,
              format_seconds(seconds), double(scored_tokens) / seconds);

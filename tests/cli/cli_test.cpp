@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <sstream>
 #include <string>
 #include <sys/wait.h>
@@ -159,6 +160,39 @@ TEST(Cli, DemoAndGenerateRun) {
   EXPECT_NE(first.output.find("new tokens in"), std::string::npos) << first.output;
   const auto completion = [](const std::string& out) { return out.substr(out.find("[completion]")); };
   EXPECT_EQ(completion(first.output).substr(0, 200), completion(second.output).substr(0, 200));
+}
+
+// `ossrl reward --env matmul`: an honest solution is scored correct, a numpy import earns
+// nothing, a line without code scores 0, and the output lands whole.
+TEST(Cli, RewardScoresMatmulCompletions) {
+  const fs::path dir = temp_dir("reward");
+  const std::string honest =
+      "def matmul(A, B):\n"
+      "    return [[sum(a * b for a, b in zip(row, col)) for col in zip(*B)] for row in A]\n";
+  const std::string cheat = "import numpy\ndef matmul(A, B):\n    return (numpy.array(A) @ numpy.array(B)).tolist()\n";
+  std::ostringstream input;
+  input << nlohmann::json{{"id", "honest"}, {"code", honest}}.dump() << "\n";
+  input << nlohmann::json{{"id", "numpy"}, {"code", cheat}}.dump() << "\n";
+  input << nlohmann::json{{"id", "prose"}, {"completion", "I would rather not write code."}}.dump() << "\n";
+  write_file(dir / "in.jsonl", input.str());
+  const RunResult r = run_ossrl("reward --env matmul --input " + (dir / "in.jsonl").string() + " --output " +
+                                (dir / "out.jsonl").string() + " --repetitions 1");
+  ASSERT_EQ(r.exit_code, 0) << r.output;
+  EXPECT_NE(r.output.find("evaluations/s"), std::string::npos) << r.output;
+  std::map<std::string, nlohmann::json> rows;
+  std::ifstream out(dir / "out.jsonl");
+  std::string line;
+  while (std::getline(out, line)) {
+    const nlohmann::json row = nlohmann::json::parse(line);
+    rows[row["id"].get<std::string>()] = row;
+  }
+  ASSERT_EQ(rows.size(), 3u);
+  EXPECT_TRUE(rows["honest"]["correct"].get<bool>()) << rows["honest"].dump();
+  // format 0.5 + compiles 0.5 + correct 3, plus a speed term in [-1, 2] that timing noise moves.
+  EXPECT_GE(rows["honest"]["total"].get<double>(), 3.0) << rows["honest"].dump();
+  EXPECT_FALSE(rows["numpy"]["correct"].get<bool>()) << rows["numpy"].dump();
+  EXPECT_LE(rows["numpy"]["total"].get<double>(), 0.0) << rows["numpy"].dump();
+  EXPECT_EQ(rows["prose"]["total"].get<double>(), 0.0) << rows["prose"].dump();
 }
 
 TEST(Cli, BadArgumentsAreErrors) {

@@ -741,6 +741,13 @@ const SandboxExit& SandboxProcess::wait(SandboxClock::time_point deadline) {
       return kill(SandboxEnd::output_limit);
     }
   }
+  // It can exit between two drains with its last output still in the pipes: read up to the
+  // end of file. Nothing it started can hold the pipes open (no fork under seccomp, and the
+  // namespace dies with its pid 1), so this ends at once; the bound is only a guard.
+  const SandboxClock::time_point guard = SandboxClock::now() + std::chrono::milliseconds(200);
+  while ((stdout_ >= 0 || stderr_fd_ >= 0) && SandboxClock::now() < guard) {
+    if (!drain(10)) break;  // over the output limit: what was read is kept, the rest dropped
+  }
   return exit_;
 }
 

@@ -4,9 +4,11 @@
 #include "rewards/sandbox.h"
 
 #include <gtest/gtest.h>
+
 #include <unistd.h>
 
 #include <chrono>
+#include <filesystem>
 #include <thread>
 
 #include "core/error.h"
@@ -129,9 +131,11 @@ print(open("scratch").read())
 
 // Landlock in both modes, the minimal root as well with namespaces.
 TEST_P(SandboxTest, HostFilesAreOutOfReach) {
+  // The project's own sources (where the harness and any reference answers live) included.
+  const std::string sources = std::filesystem::canonical(std::string(OSSRL_FIXTURE_DIR) + "/../..").string();
   EXPECT_PRINTS(run(R"(
 import os
-for path in ("/etc/passwd", "/root/.bashrc", "/work/main/CMakeLists.txt", "/proc/1/cmdline",
+for path in ("/etc/passwd", "/root/.bashrc", ")" + sources + R"(/CMakeLists.txt", "/proc/1/cmdline",
              "/usr/lib/x86_64-linux-gnu/libblas.so.3", "/usr/lib/x86_64-linux-gnu/libffi.so.8",
              "/usr/lib/python3/dist-packages/README.txt"):
     try:

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 
 #include "core/error.h"
+#include "cuda/buffer.h"
 #include "cuda/check.h"
 
 namespace ossrl::cuda {
@@ -10,6 +11,15 @@ namespace ossrl::cuda {
 void fail_cuda(cudaError_t status, const char* call, const char* file, int line) {
   fail("CUDA error {} ({}) in {} at {}:{}", cudaGetErrorName(status), cudaGetErrorString(status),
        call, file, line);
+}
+
+void fail_allocation(size_t bytes, const char* what, cudaError_t status) {
+  size_t free_bytes = 0, total_bytes = 0;
+  cudaMemGetInfo(&free_bytes, &total_bytes);
+  (void)cudaGetLastError();
+  fail("out of GPU memory: asked for {:.2f} GiB ({}), {:.2f} GiB free of {:.2f} GiB ({})",
+       double(bytes) / (1 << 30), what, double(free_bytes) / (1 << 30), double(total_bytes) / (1 << 30),
+       cudaGetErrorString(status));
 }
 
 int device_count() {

@@ -1,0 +1,30 @@
+// Dense bf16 matmuls (attention projections, router, lm_head) through cuBLAS, which is the
+// fastest path for plain bf16 GEMMs; the expert matmuls have their own kernels (cuda/moe.h).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace ossrl::cuda {
+
+// Owns a cuBLAS handle bound to one stream (and its workspace). Not copyable.
+class Blas {
+ public:
+  explicit Blas(cudaStream_t stream);
+  ~Blas();
+  Blas(const Blas&) = delete;
+  Blas& operator=(const Blas&) = delete;
+  cudaStream_t stream() const { return stream_; }
+  void* handle() const { return handle_; }
+
+ private:
+  cudaStream_t stream_;
+  void* handle_ = nullptr;  // cublasHandle_t, kept opaque so this header stays light
+};
+
+// y [n, out] fp32 = (accumulate ? y : 0) + x [n, in] bf16 · Wᵀ + bias; W bf16 [out, in]
+// (nn.Linear's layout), bias [out] fp32 or null. fp32 accumulation.
+void linear_forward(Blas& blas, float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias,
+                    int n, int in, int out, bool accumulate);
+
+}  // namespace ossrl::cuda

@@ -1,0 +1,17 @@
+// RMSNorm from the fp32 residual stream to the bf16 input of the next matmul.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace ossrl::cuda {
+
+// out [n, hidden] bf16: row i = x[r] * rsqrt(mean(x[r]^2) + eps) * weight, in fp32 as
+// transformers computes it, with r = rows[i] (rows may be null: r = i). x [*, hidden] fp32,
+// weight [hidden] fp32. `rows` lets the final norm run on each sequence's last token only.
+void rmsnorm_forward(__nv_bfloat16* out, const float* x, const float* weight, const int32_t* rows, int n,
+                     int hidden, float eps, cudaStream_t stream);
+
+}  // namespace ossrl::cuda

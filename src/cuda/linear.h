@@ -5,6 +5,8 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "cuda/buffer.h"
+
 namespace ossrl::cuda {
 
 // Owns a cuBLAS handle bound to one stream (and its workspace). Not copyable.
@@ -20,6 +22,8 @@ class Blas {
  private:
   cudaStream_t stream_;
   void* handle_ = nullptr;  // cublasHandle_t, kept opaque so this header stays light
+  // Given to cublasSetWorkspace: without it cuBLAS allocates during graph capture.
+  DeviceBuffer<unsigned char> workspace_;
 };
 
 // y [n, out] fp32 = (accumulate ? y : 0) + x [n, in] bf16 · Wᵀ + bias; W bf16 [out, in]

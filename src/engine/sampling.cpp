@@ -10,28 +10,12 @@ namespace ossrl {
 
 namespace {
 
-// SplitMix64's finaliser: a bijection that scrambles every input bit into every output bit.
-uint64_t mix64(uint64_t z) {
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-  return z ^ (z >> 31);
-}
-
-constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
-
 int32_t argmax(std::span<const float> logits) {
   // max_element returns the first maximum: the lowest token id on ties, like torch.argmax.
   return int32_t(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
 
 }  // namespace
-
-SamplingRng::SamplingRng(uint64_t seed, uint64_t stream) : key_(mix64(mix64(seed) + stream * kGolden)) {}
-
-double SamplingRng::next() {
-  const uint64_t bits = mix64(key_ + (++counter_) * kGolden);
-  return double(bits >> 11) * 0x1.0p-53;
-}
 
 float token_logprob(std::span<const float> logits, int32_t token) {
   const float max_logit = *std::max_element(logits.begin(), logits.end());

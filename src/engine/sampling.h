@@ -20,13 +20,31 @@ struct SamplingParams {
 // batch or on the standard library, and a run replays bit for bit.
 class SamplingRng {
  public:
-  explicit SamplingRng(uint64_t seed, uint64_t stream = 0);
+  explicit SamplingRng(uint64_t seed, uint64_t stream = 0) : key_(mix64(mix64(seed) + stream * kGolden)) {}
   // The next deviate in [0, 1).
-  double next();
+  double next() { return uniform(key_, ++draws_); }
+
+  // The stream's identity and how many deviates it has given: the GPU sampler reproduces
+  // the next one as uniform(key(), draws() + 1).
+  uint64_t key() const { return key_; }
+  uint64_t draws() const { return draws_; }
+
+  // SplitMix64's finaliser: a bijection that scrambles every input bit into every output bit.
+  static constexpr uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  // Deviate number `draw` (counted from 1) of the stream `key`: 53 random bits in [0, 1).
+  // constexpr, so CUDA kernels call it too and draw the very same numbers.
+  static constexpr double uniform(uint64_t key, uint64_t draw) {
+    return double(mix64(key + draw * kGolden) >> 11) * 0x1.0p-53;
+  }
 
  private:
+  static constexpr uint64_t kGolden = 0x9e3779b97f4a7c15ull;
   uint64_t key_;
-  uint64_t counter_ = 0;
+  uint64_t draws_ = 0;
 };
 
 // The distribution sample() draws from, [vocab]: softmax(logits / temperature), then top-k,

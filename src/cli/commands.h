@@ -17,5 +17,7 @@ Command add_grad(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_plot(CLI::App& app);
 Command add_reward(CLI::App& app);
+// `bench generate`; registered only in CUDA builds.
+Command add_bench(CLI::App& app);
 
 }  // namespace ossrl::cli

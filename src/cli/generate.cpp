@@ -1,13 +1,14 @@
-// `ossrl generate`: one Harmony chat turn with a checkpoint, on the CPU reference model.
+// `ossrl generate`: one Harmony chat turn with a checkpoint, on the GPU engine or the CPU
+// reference model.
 #include <fmt/format.h>
 
 #include <chrono>
 
 #include "cli/commands.h"
+#include "cli/device_model.h"
 #include "cli/options.h"
 #include "core/error.h"
 #include "io/json_file.h"
-#include "model/cpu_model.h"
 #include "tokenizer/harmony.h"
 #include "tokenizer/tokenizer.h"
 
@@ -23,6 +24,7 @@ struct GenerateArgs {
   std::string tokenizer_path;
   ReasoningEffort effort = ReasoningEffort::Medium;
   GenerateOptions generation;
+  DeviceArgs device;
   bool show_analysis = false;
   bool show_tokens = false;
 };
@@ -36,7 +38,7 @@ void run(const GenerateArgs& args) {
   using Clock = std::chrono::steady_clock;
   const auto tokenizer = Tokenizer::load(args.tokenizer_path);
   const auto load_start = Clock::now();
-  CpuModel model(args.model_dir);
+  const auto model = DeviceModel::load(args.model_dir, args.device);
   const double load_seconds = std::chrono::duration<double>(Clock::now() - load_start).count();
 
   const std::vector<TokenId> prompt = render_conversation(*tokenizer, read_conversation(args));
@@ -44,7 +46,7 @@ void run(const GenerateArgs& args) {
   options.stop_tokens = {harmony_tokens::kReturn, harmony_tokens::kCall};
 
   const auto start = Clock::now();
-  const Generation generation = generate(model, {prompt}, options).front();
+  const Generation generation = model->generate({prompt}, options).front();
   const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
 
   const ParsedCompletion parsed = parse_completion(*tokenizer, generation.tokens);
@@ -87,6 +89,7 @@ Command add_generate(CLI::App& app) {
   add_reasoning_option(command, args->effort);
   add_generation_options(command, args->generation);
   add_tokenizer_option(command, args->tokenizer_path);
+  add_device_options(command, args->device, "cuda: sequences decoding at once");
   command->callback([prompt, messages] {
     if (prompt->count() + messages->count() == 0) throw CLI::RequiredError("--prompt or --messages");
   });

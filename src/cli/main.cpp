@@ -10,7 +10,7 @@
 int main(int argc, char** argv) {
   CLI::App app{"ossrl: reinforcement learning (GRPO) for gpt-oss"};
   app.require_subcommand(1);
-  const std::map<std::string, ossrl::cli::Command> commands = {
+  std::map<std::string, ossrl::cli::Command> commands = {
       {"generate", ossrl::cli::add_generate(app)},
       {"score", ossrl::cli::add_score(app)},
       {"demo", ossrl::cli::add_demo(app)},
@@ -19,6 +19,9 @@ int main(int argc, char** argv) {
       {"plot", ossrl::cli::add_plot(app)},
       {"reward", ossrl::cli::add_reward(app)},
   };
+#if OSSRL_HAVE_CUDA
+  commands.emplace("bench", ossrl::cli::add_bench(app));
+#endif
   CLI11_PARSE(app, argc, argv);
   try {
     for (const CLI::App* sub : app.get_subcommands()) commands.at(sub->get_name())();

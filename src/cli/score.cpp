@@ -17,10 +17,10 @@
 #include <nlohmann/json.hpp>
 
 #include "cli/commands.h"
+#include "cli/device_model.h"
 #include "cli/options.h"
 #include "core/error.h"
 #include "io/json_file.h"
-#include "model/cpu_model.h"
 #include "tokenizer/harmony.h"
 #include "tokenizer/tokenizer.h"
 
@@ -36,6 +36,7 @@ struct ScoreArgs {
   std::string tokenizer_path;
   ReasoningEffort effort = ReasoningEffort::Medium;
   int batch_size = 8;
+  DeviceArgs device;
 };
 
 struct Sample {
@@ -96,8 +97,8 @@ std::vector<Sample> read_samples(const ScoreArgs& args, const Tokenizer& tokeniz
 
 void run(const ScoreArgs& args) {
   const auto tokenizer = Tokenizer::load(args.tokenizer_path);
-  CpuModel model(args.model_dir);
-  const std::vector<Sample> samples = read_samples(args, *tokenizer, model.config().vocab_size);
+  const auto model = DeviceModel::load(args.model_dir, args.device);
+  const std::vector<Sample> samples = read_samples(args, *tokenizer, model->config().vocab_size);
 
   ResultsOutput output(args.output);
   std::ostream& out = output.stream();
@@ -111,7 +112,7 @@ void run(const ScoreArgs& args) {
       tokens.insert(tokens.end(), samples[i].tokens.begin(), samples[i].tokens.end());
       offsets.push_back(int32_t(tokens.size()));
     }
-    const std::vector<float> logprobs = model.log_probs(tokens, offsets);
+    const std::vector<float> logprobs = model->log_probs(tokens, offsets);
     for (size_t i = begin; i < end; ++i) {
       const Sample& s = samples[i];
       const size_t base = size_t(offsets[i - begin]);
@@ -155,6 +156,7 @@ Command add_score(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   add_reasoning_option(command, args->effort);
   add_tokenizer_option(command, args->tokenizer_path);
+  add_device_options(command, args->device, "cuda: tokens whose logits one forward pass computes");
   return [args] { run(*args); };
 }
 

@@ -325,21 +325,23 @@ void CudaEngine::Impl::run_step(StepKind kind) {
   int step_tokens = n_tokens, step_tiles = n_tiles, step_rows = n_rows;
   cudaGraphExec_t graph = nullptr;
   if (kind == StepKind::Decode && options.cuda_graphs) {
-    // Decode steps have one token, one tile and one logit row per sequence. Pad to the
-    // bucket with tokens whose KV write is skipped (slot -1), empty tiles and rows reading
-    // token 0's logits; their samples are ignored.
+    // Decode steps have one token, one tile and one logit row per sequence. The batch is
+    // padded to the bucket with copies of its first token that skip the KV write (slot -1):
+    // a copy computes exactly what the original does, so every padding row stays finite
+    // (an empty tile would leave its attention rows as whatever the workspace held, and a
+    // NaN there could send the router out of range). Their samples are ignored.
     int bucket = 1;
     while (bucket < n_rows) bucket *= 2;
     bucket = std::min(bucket, capacity.max_sequences);
     graph = decode_graph(bucket);
     for (int j = n_rows; j < bucket; ++j) {
-      tokens[size_t(j)] = 0;
-      positions[size_t(j)] = 0;
+      tokens[size_t(j)] = tokens[0];
+      positions[size_t(j)] = positions[0];
       kv_slots[size_t(j)] = -1;
-      tiles[size_t(j)] = QueryTile{j, 0, 0};
-      logit_rows[size_t(j)] = 0;
-      rng_keys[size_t(j)] = 0;
-      rng_draws[size_t(j)] = 1;
+      tiles[size_t(j)] = QueryTile{j, 1, tiles[0].seq};
+      logit_rows[size_t(j)] = j;
+      rng_keys[size_t(j)] = rng_keys[0];
+      rng_draws[size_t(j)] = rng_draws[0];
     }
     step_tokens = step_tiles = step_rows = bucket;
   }

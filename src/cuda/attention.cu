@@ -1,12 +1,17 @@
-// Paged causal GQA attention with sinks and sliding windows (cuda/attention.h).
+// Paged causal GQA attention with sinks and sliding windows (cuda/attention.h), on tensor cores.
 //
-// One cluster of CTAs per (query tile, kv head): its rows are the tile's queries x the query
+// One cluster of CTAs per (query tile, kv head). Its rows are the tile's queries x the query
 // heads of that kv head's group (up to 16 x 8 = 128), so each K/V row read from the cache
-// serves all of them. Keys stream through shared memory 32 at a time (one per lane); each warp
-// keeps an online softmax per row. When the grid is too small to fill the GPU (decode of few
-// sequences) the key tiles are dealt out over the CTAs of a cluster (flash-decoding) and the
-// partial softmax states are merged through distributed shared memory, so nothing outside
-// the kernel's arguments is allocated and the launch is graph capturable.
+// serves all of them. Keys stream through shared memory 64 at a time (cp.async, a ring
+// of 4 stages); a warp owns one 16-row tile and a slice of each stage's keys, computes
+// S = Q K^T and O += P V with bf16 mma.sync (fp32 accumulation) and keeps an online softmax
+// per row. q arrives in fp32 and is split into bf16 hi + lo halves (two mmas), so the scores
+// carry ~16 mantissa bits, not bf16's 8; P is rounded to bf16 like flash attention's.
+//
+// Warps that share a row tile (decode has a single tile of 8 rows), the CTAs of a cluster
+// (keys dealt out when the grid alone would leave SMs idle: flash-decoding) each hold a
+// partial softmax state; they are merged through (distributed) shared memory at the end, so
+// nothing beyond the arguments is allocated and the launch is graph capturable.
 #include <cooperative_groups.h>
 #include <cuda_bf16.h>
 
@@ -24,50 +29,192 @@ namespace cg = cooperative_groups;
 constexpr int kHeadDim = 64;
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kKeyTile = 32;  // one key per lane
-constexpr int kMaxGroup = 8;  // query heads per kv head (gpt-oss: 64 / 8)
-constexpr int kMaxRows = kAttentionTileQueries * kMaxGroup;
-constexpr int kMaxRowsPerWarp = kMaxRows / kWarps;
-// K rows padded by 16 bytes: lane j reads row j with 16-byte loads, and a quarter warp's
-// eight rows then fall on distinct banks.
-constexpr int kKeyStride = kHeadDim + 4;
+constexpr int kRowTile = 16;  // rows per warp: the mma's m
+constexpr int kMaxGroup = kWarps * kRowTile / kAttentionTileQueries;  // query heads per kv head
+constexpr int kStageKeys = 64;
+// Stages in flight: decode is a pure stream of K/V, so 3 stages load while one is used.
+constexpr int kStages = 4;
+// K/V rows in shared memory padded to 144 bytes: the 8 rows an ldmatrix phase reads fall on
+// distinct banks.
+constexpr int kRowPad = kHeadDim + 8;
+constexpr int kMergePad = kHeadDim + 8;
 constexpr int kMaxSplits = 8;  // portable cluster size
 constexpr float kLog2e = 1.4426950408889634f;
 
-// 47.6 KB: fits the 48 KB of static shared memory, two CTAs per SM.
-struct __align__(16) SharedTiles {
-  // Query rows, pre-scaled by log2(e)/sqrt(head_dim) so scores come out in log2 units; after
-  // the key loop row r holds that row's unnormalised output instead (for the merge).
-  float q[kMaxRows][kHeadDim];
-  float k[kKeyTile][kKeyStride];                // fp32: read once per row per tile
-  __nv_bfloat162 v[kKeyTile][kHeadDim / 2];      // lane reads its 2 dims of each key
-  float p[kWarps][kKeyTile];                     // one row's probabilities, broadcast to the warp
-  float row_max[kMaxRows];                       // softmax state per row after the key loop
-  float row_sum[kMaxRows];
+struct StageBuffers {
+  uint16_t k[kStages][kStageKeys][kRowPad];  // bf16 bits
+  uint16_t v[kStages][kStageKeys][kRowPad];
 };
+// After the key loop: each warp's partial state for its 16 rows; after the merge of the
+// slices, row tile t's merged state sits in slot t.
+struct MergeBuffers {
+  float o[kWarps][kRowTile][kMergePad];  // unnormalised output
+  float m[kWarps][kRowTile];             // running max, log2 units
+  float l[kWarps][kRowTile];             // sum of exp2(s - m), sink included once
+};
+union __align__(16) SharedMemory {
+  StageBuffers stage;
+  MergeBuffers merge;
+};
+constexpr size_t kSharedBytes = sizeof(SharedMemory);  // 72 KB: dynamic shared memory
 
-__device__ float warp_max(float x) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, offset));
-  return x;
+__device__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
+
+// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read then).
+__device__ void copy_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ void copy_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-__device__ float warp_sum(float x) {
+__device__ void load_matrix_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+__device__ void load_matrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address));
+}
+
+// c (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col).
+__device__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ uint32_t bits(__nv_bfloat162 x) { return *reinterpret_cast<const uint32_t*>(&x); }
+
+// One warp's softmax state, in mma fragment layout: this thread holds rows lane/4 (index 0)
+// and lane/4 + 8 (index 1) of the warp's tile, and of each 8-wide dim block n the columns
+// n*8 + 2*(lane%4) + {0, 1}.
+struct RowState {
+  float o[kHeadDim / 8][4];  // [dim block][c0, c1 (row 0), c2, c3 (row 1)]
+  float m[2];
+  float l[2];      // this thread's share: its quad's four lanes add up at the end
+  int pos[2];      // the row's query position; -1 for a padding row (sees no key)
+  int oldest[2];   // the oldest key position the row sees
+};
+
+// Scores, softmax update and P V for kTiles * 8 keys of a stage, starting at stage row
+// `first` (position u_first), against the warp's 16 rows.
+// Keys the warp's rows see lie in [oldest, newest]: slices outside are skipped (warp-uniform).
+template <int kTiles>
+__device__ void attend_keys(RowState& st, const uint32_t (&q_hi)[4][4], const uint32_t (&q_lo)[4][4],
+                            const uint16_t (*k)[kRowPad], const uint16_t (*v)[kRowPad], int first, int u_first,
+                            int oldest, int newest, int lane) {
+  if (u_first > newest || u_first + kTiles * 8 - 1 < oldest) return;
+  // S = Q K^T: ldmatrix of K rows (keys) gives the col-major B fragment directly.
+  float s[kTiles][4];
 #pragma unroll
-  for (int offset = 16; offset > 0; offset /= 2) x += __shfl_xor_sync(0xffffffffu, x, offset);
-  return x;
+  for (int j = 0; j < kTiles; ++j) {
+    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    uint32_t b[2][4];
+    const uint16_t* row = &k[first + j * 8 + lane % 8][(lane / 8) * 8];
+    load_matrix_x4(b[0], shared_address(row));       // dims 0..31: k-steps 0 and 1
+    load_matrix_x4(b[1], shared_address(row + 32));  // dims 32..63: k-steps 2 and 3
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      mma_bf16(s[j], q_hi[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
+      mma_bf16(s[j], q_lo[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
+    }
+  }
+
+  // Causality and the window, then the online softmax update per row.
+  float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int u = u_first + j * 8 + 2 * (lane % 4) + (e & 1);
+      const int r = e / 2;
+      if (u < st.oldest[r] || u > st.pos[r]) s[j][e] = -INFINITY;
+      tile_max[r] = fmaxf(tile_max[r], s[j][e]);
+    }
+  }
+  float rescale[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+    tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+    const float m_new = fmaxf(st.m[r], tile_max[r]);  // finite: m starts at the sink
+    rescale[r] = exp2f(st.m[r] - m_new);
+    st.m[r] = m_new;
+    st.l[r] *= rescale[r];
+  }
+#pragma unroll
+  for (int n = 0; n < kHeadDim / 8; ++n) {
+    st.o[n][0] *= rescale[0];
+    st.o[n][1] *= rescale[0];
+    st.o[n][2] *= rescale[1];
+    st.o[n][3] *= rescale[1];
+  }
+  // P in bf16, laid out as the A fragment of the P V mma (the S accumulator layout is it);
+  // l sums the rounded values so the weights the mma applies are the ones normalised.
+  uint32_t p[kTiles][2];
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const __nv_bfloat162 pair =
+          __floats2bfloat162_rn(exp2f(s[j][2 * r] - st.m[r]), exp2f(s[j][2 * r + 1] - st.m[r]));
+      const float2 rounded = __bfloat1622float2(pair);
+      st.l[r] += rounded.x + rounded.y;
+      p[j][r] = bits(pair);
+    }
+  }
+
+  // O += P V over k-steps of 16 keys; ldmatrix.trans turns V's key-major rows into the B
+  // fragment. A single 8-key tile fills half a k-step, the other half weighted 0 (those V
+  // rows are another warp's keys of the same stage, finite).
+  constexpr int kSteps = (kTiles + 1) / 2;
+#pragma unroll
+  for (int ks = 0; ks < kSteps; ++ks) {
+    uint32_t a[4];
+    int key0;
+    if constexpr (kTiles == 1) {
+      const bool upper = (first & 8) != 0;
+      key0 = first & ~15;
+      a[0] = upper ? 0u : p[0][0];
+      a[1] = upper ? 0u : p[0][1];
+      a[2] = upper ? p[0][0] : 0u;
+      a[3] = upper ? p[0][1] : 0u;
+    } else {
+      key0 = first + ks * 16;
+      a[0] = p[2 * ks][0];
+      a[1] = p[2 * ks][1];
+      a[2] = p[2 * ks + 1][0];
+      a[3] = p[2 * ks + 1][1];
+    }
+#pragma unroll
+    for (int n = 0; n < kHeadDim / 8; n += 2) {
+      uint32_t b[4];
+      load_matrix_x4_trans(b, shared_address(&v[key0 + ((lane / 8) % 2) * 8 + lane % 8][(n + lane / 16) * 8]));
+      mma_bf16(st.o[n], a, b[0], b[1]);
+      mma_bf16(st.o[n + 1], a, b[2], b[3]);
+    }
+  }
 }
 
 // Grid (n_tiles, kv_heads, splits), cluster (1, 1, splits), kThreads threads.
 // out [n_queries, heads, 64] bf16; q [n_queries, heads, 64] fp32; sinks [heads] fp32;
-// kv.k / kv.v [slots, kv_heads, 64] bf16. Row r of a CTA is query t = r / group of the tile
-// and query head h = kv_head * group + r % group; warp w owns rows w, w + 8, ...
+// kv.k / kv.v [slots, kv_heads, 64] bf16. CTA row r is query t = r / group of the tile and
+// query head kv_head * group + r % group. Warp w takes row tile w % row_tiles and key slice
+// w / row_tiles of each stage: 8 warps = row_tiles x slices (slices a power of two).
 __global__ void __launch_bounds__(kThreads, 2)
     paged_attention_kernel(__nv_bfloat16* __restrict__ out, const float* __restrict__ q, PagedKv kv,
                            const float* __restrict__ sinks, const int32_t* __restrict__ query_pos,
                            const QueryTile* __restrict__ tiles, int heads, int kv_heads,
                            int sliding_window) {
-  __shared__ SharedTiles sh;
+  extern __shared__ __align__(16) unsigned char shared_bytes[];
+  SharedMemory& sh = *reinterpret_cast<SharedMemory*>(shared_bytes);
   const QueryTile tile = tiles[blockIdx.x];
   // A padding tile: the whole cluster (same blockIdx.x) leaves before any cluster barrier.
   if (tile.count <= 0) return;
@@ -79,150 +226,195 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int rows = tile.count * group;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
+  const int row_tiles = (rows + kRowTile - 1) / kRowTile;
+  const int slices = row_tiles == 1 ? 8 : row_tiles == 2 ? 4 : row_tiles <= 4 ? 2 : 1;
+  const bool active = warp < row_tiles * slices;
+  const int row_tile = warp % row_tiles;
+  const int slice = warp / row_tiles;
 
   const int first_pos = query_pos[tile.first_query];
   const int key_begin = sliding_window > 0 ? max(0, first_pos - sliding_window + 1) : 0;
   const int key_end = first_pos + tile.count;  // one past the last query's position
-  const int n_key_tiles = (key_end - key_begin + kKeyTile - 1) / kKeyTile;
+  const int n_stages = (key_end - key_begin + kStageKeys - 1) / kStageKeys;
 
-  // exp2 below needs log2 units: fold log2(e) and 1/sqrt(64) into q once.
+  // This thread's two rows: position, window, sink, and q split into bf16 hi + lo A
+  // fragments, pre-scaled by log2(e)/sqrt(64) so the scores come out in log2 units.
+  RowState st;
+  uint32_t q_hi[4][4], q_lo[4][4];
   const float q_scale = kLog2e / sqrtf(float(kHeadDim));
-  for (int i = threadIdx.x; i < rows * (kHeadDim / 4); i += kThreads) {
-    const int r = i / (kHeadDim / 4);
-    const int c = i % (kHeadDim / 4);
-    const int64_t row = int64_t(tile.first_query + r / group) * heads + kv_head * group + r % group;
-    const float4 x = reinterpret_cast<const float4*>(q + row * kHeadDim)[c];
-    reinterpret_cast<float4*>(sh.q[r])[c] = make_float4(x.x * q_scale, x.y * q_scale, x.z * q_scale, x.w * q_scale);
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_tile * kRowTile + lane / 4 + 8 * r;
+    const bool valid = active && row < rows;
+    const int pos = first_pos + row / group;
+    st.pos[r] = valid ? pos : -1;
+    st.oldest[r] = sliding_window > 0 ? max(0, pos - sliding_window + 1) : 0;
+    st.m[r] = valid ? sinks[kv_head * group + row % group] * kLog2e : 0.0f;
+    // The sink's exp2(sink - m) = 1, counted once: by one lane of the quad, slice 0, split 0.
+    st.l[r] = valid && lane % 4 == 0 && slice == 0 && split == 0 ? 1.0f : 0.0f;
+    const float* q_row = q + (int64_t(tile.first_query + row / group) * heads + kv_head * group + row % group) * kHeadDim;
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float2 x = make_float2(0.0f, 0.0f);
+        if (valid) x = *reinterpret_cast<const float2*>(q_row + ks * 16 + half * 8 + 2 * (lane % 4));
+        x.x *= q_scale;
+        x.y *= q_scale;
+        const __nv_bfloat162 hi = __floats2bfloat162_rn(x.x, x.y);
+        const float2 hi_f = __bfloat1622float2(hi);
+        q_hi[ks][r + 2 * half] = bits(hi);
+        q_lo[ks][r + 2 * half] = bits(__floats2bfloat162_rn(x.x - hi_f.x, x.y - hi_f.y));
+      }
+    }
   }
+#pragma unroll
+  for (int n = 0; n < kHeadDim / 8; ++n) st.o[n][0] = st.o[n][1] = st.o[n][2] = st.o[n][3] = 0.0f;
 
-  // Thread i fetches 16 bytes (8 dims) of key i / 8's K and V rows.
-  const int fetch_key = threadIdx.x / 8;
-  const int fetch_chunk = threadIdx.x % 8;
+  // The key range the warp's rows see, to skip slices none of them sees.
+  const int warp_pos_first = first_pos + (row_tile * kRowTile) / group;
+  const int warp_pos_last = first_pos + (min(rows, (row_tile + 1) * kRowTile) - 1) / group;
+  const int warp_oldest = sliding_window > 0 ? max(0, warp_pos_first - sliding_window + 1) : 0;
+
+  // Stage loads: thread i copies 16 bytes (8 dims) of keys i/8 and i/8 + 32, K and V. Keys
+  // past the last position are zero-filled, so a masked key's value is 0 x 0, never garbage.
+  // Each call is one cp.async group, empty past the last stage, so groups count uniformly.
   const int32_t* block_table = kv.block_tables + int64_t(tile.seq) * kv.max_pages_per_seq;
-  auto fetch = [&](int key_tile, uint4* k_chunk, uint4* v_chunk) {
-    const int u = key_begin + key_tile * kKeyTile + fetch_key;
-    if (u < key_end) {
-      const int64_t slot = int64_t(block_table[u / kv.page_size]) * kv.page_size + u % kv.page_size;
-      const int64_t offset = (slot * kv_heads + kv_head) * kHeadDim + fetch_chunk * 8;
-      *k_chunk = *reinterpret_cast<const uint4*>(kv.k + offset);
-      *v_chunk = *reinterpret_cast<const uint4*>(kv.v + offset);
-    } else {
-      // Past the last position: zeros, so a masked key's value is 0 x 0, never 0 x garbage.
-      *k_chunk = make_uint4(0, 0, 0, 0);
-      *v_chunk = make_uint4(0, 0, 0, 0);
+  auto issue_stage = [&](int stage, int buffer) {
+#pragma unroll
+    for (int rep = 0; rep < 2 && stage < n_stages; ++rep) {
+      const int key = threadIdx.x / 8 + rep * (kThreads / 8);
+      const int chunk = threadIdx.x % 8;
+      const int u = key_begin + stage * kStageKeys + key;
+      const bool valid = u < key_end;
+      int64_t offset = 0;
+      if (valid) {
+        const int64_t slot = int64_t(block_table[u / kv.page_size]) * kv.page_size + u % kv.page_size;
+        offset = (slot * kv_heads + kv_head) * kHeadDim + chunk * 8;
+      }
+      copy_async16(shared_address(&sh.stage.k[buffer][key][chunk * 8]), kv.k + offset, valid);
+      copy_async16(shared_address(&sh.stage.v[buffer][key][chunk * 8]), kv.v + offset, valid);
     }
-  };
-  auto stage = [&](const uint4& k_chunk, const uint4& v_chunk) {
-    const __nv_bfloat162* k2 = reinterpret_cast<const __nv_bfloat162*>(&k_chunk);
-    float4* k_dst = reinterpret_cast<float4*>(&sh.k[fetch_key][fetch_chunk * 8]);
-    const float2 a = __bfloat1622float2(k2[0]), b = __bfloat1622float2(k2[1]);
-    const float2 c = __bfloat1622float2(k2[2]), d = __bfloat1622float2(k2[3]);
-    k_dst[0] = make_float4(a.x, a.y, b.x, b.y);
-    k_dst[1] = make_float4(c.x, c.y, d.x, d.y);
-    *reinterpret_cast<uint4*>(&sh.v[fetch_key][fetch_chunk * 4]) = v_chunk;
+    copy_async_commit();
   };
 
-  // Per row: running max m (log2 units) starts at the sink's logit, so it is always finite
-  // and a fully masked tile changes nothing; the sum l is kept per lane (reduced once at the
-  // end) and the sink's exp2(sink - m) = 1 is counted once, by lane 0 of split 0.
-  float m[kMaxRowsPerWarp], l[kMaxRowsPerWarp];
-  float2 acc[kMaxRowsPerWarp];
-#pragma unroll
-  for (int i = 0; i < kMaxRowsPerWarp; ++i) {
-    const int r = warp + i * kWarps;
-    m[i] = r < rows ? sinks[kv_head * group + r % group] * kLog2e : 0.0f;
-    l[i] = lane == 0 && split == 0 ? 1.0f : 0.0f;
-    acc[i] = make_float2(0.0f, 0.0f);
-  }
-
-  // Key tiles split, split + splits, ...: the next tile's global loads are in flight while
-  // this one is computed.
-  uint4 k_next, v_next;
-  if (split < n_key_tiles) fetch(split, &k_next, &v_next);
-  for (int key_tile = split; key_tile < n_key_tiles; key_tile += splits) {
-    __syncthreads();  // every warp is done with the previous tile
-    stage(k_next, v_next);
-    __syncthreads();
-    if (key_tile + splits < n_key_tiles) fetch(key_tile + splits, &k_next, &v_next);
-
-    const int u0 = key_begin + key_tile * kKeyTile;
-    const int u = u0 + lane;
-    const float4* k_row = reinterpret_cast<const float4*>(sh.k[lane]);
-#pragma unroll
-    for (int i = 0; i < kMaxRowsPerWarp; ++i) {
-      const int r = warp + i * kWarps;
-      if (r >= rows) break;
-      const int p = first_pos + r / group;
-      const int lo = sliding_window > 0 ? max(0, p - sliding_window + 1) : 0;
-      if (u0 > p || u0 + kKeyTile - 1 < lo) continue;  // this row sees none of the tile
-
-      const float4* q_row = reinterpret_cast<const float4*>(sh.q[r]);
-      float s0 = 0.0f, s1 = 0.0f, s2 = 0.0f, s3 = 0.0f;
-#pragma unroll
-      for (int c = 0; c < kHeadDim / 4; ++c) {
-        const float4 a = q_row[c], b = k_row[c];
-        s0 = fmaf(a.x, b.x, s0);
-        s1 = fmaf(a.y, b.y, s1);
-        s2 = fmaf(a.z, b.z, s2);
-        s3 = fmaf(a.w, b.w, s3);
+  // Stages split, split + splits, ... cycle through the ring; kStages - 1 are in flight.
+  for (int i = 0; i < kStages - 1; ++i) issue_stage(split + i * splits, i);
+  for (int i = 0, stage = split; stage < n_stages; ++i, stage += splits) {
+    copy_async_wait<kStages - 2>();  // this thread's copies of stage i have landed
+    __syncthreads();                 // everyone's have; everyone is done with stage i - 1's buffer
+    issue_stage(stage + (kStages - 1) * splits, (i + kStages - 1) % kStages);
+    if (active) {
+      const int buffer = i % kStages;
+      const auto* k = sh.stage.k[buffer];
+      const auto* v = sh.stage.v[buffer];
+      const int keys = kStageKeys / slices;
+      const int first = slice * keys;
+      const int u_first = key_begin + stage * kStageKeys + first;
+      switch (slices) {
+        case 1:
+          attend_keys<4>(st, q_hi, q_lo, k, v, first, u_first, warp_oldest, warp_pos_last, lane);
+          attend_keys<4>(st, q_hi, q_lo, k, v, first + 32, u_first + 32, warp_oldest, warp_pos_last, lane);
+          break;
+        case 2:
+          attend_keys<4>(st, q_hi, q_lo, k, v, first, u_first, warp_oldest, warp_pos_last, lane);
+          break;
+        case 4:
+          attend_keys<2>(st, q_hi, q_lo, k, v, first, u_first, warp_oldest, warp_pos_last, lane);
+          break;
+        default:
+          attend_keys<1>(st, q_hi, q_lo, k, v, first, u_first, warp_oldest, warp_pos_last, lane);
+          break;
       }
-      const float s = u >= lo && u <= p ? (s0 + s1) + (s2 + s3) : -INFINITY;
-      const float m_new = fmaxf(m[i], warp_max(s));
-      const float rescale = exp2f(m[i] - m_new);
-      const float prob = exp2f(s - m_new);
-      m[i] = m_new;
-      l[i] = l[i] * rescale + prob;
-
-      sh.p[warp][lane] = prob;
-      __syncwarp();
-      float2 o = make_float2(acc[i].x * rescale, acc[i].y * rescale);
-#pragma unroll
-      for (int j = 0; j < kKeyTile; j += 4) {
-        const float4 pj = *reinterpret_cast<const float4*>(&sh.p[warp][j]);
-        const float2 v0 = __bfloat1622float2(sh.v[j][lane]), v1 = __bfloat1622float2(sh.v[j + 1][lane]);
-        const float2 v2 = __bfloat1622float2(sh.v[j + 2][lane]), v3 = __bfloat1622float2(sh.v[j + 3][lane]);
-        o.x = fmaf(pj.x, v0.x, fmaf(pj.y, v1.x, fmaf(pj.z, v2.x, fmaf(pj.w, v3.x, o.x))));
-        o.y = fmaf(pj.x, v0.y, fmaf(pj.y, v1.y, fmaf(pj.z, v2.y, fmaf(pj.w, v3.y, o.y))));
-      }
-      acc[i] = o;
-      __syncwarp();  // the next row overwrites sh.p[warp]
     }
   }
+  copy_async_wait<0>();
+  __syncthreads();  // the merge buffers overlay the stages
 
-  // Publish each row's state (m, l, unnormalised out) in this CTA's shared memory; a row's q
-  // slot is free now (only its own warp read it).
+  // Publish each warp's state, merge the slices of each row (warps of this CTA), then the
+  // splits (CTAs of the cluster, through distributed shared memory):
+  //   M = max m;  out = Σ 2^(m - M) o / Σ 2^(m - M) l.
+  if (active) {
 #pragma unroll
-  for (int i = 0; i < kMaxRowsPerWarp; ++i) {
-    const int r = warp + i * kWarps;
-    if (r >= rows) break;
-    const float sum = warp_sum(l[i]);
-    reinterpret_cast<float2*>(sh.q[r])[lane] = acc[i];
-    if (lane == 0) {
-      sh.row_max[r] = m[i];
-      sh.row_sum[r] = sum;
+    for (int r = 0; r < 2; ++r) {
+      st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 1);
+      st.l[r] += __shfl_xor_sync(0xffffffffu, st.l[r], 2);
+      const int local = lane / 4 + 8 * r;
+#pragma unroll
+      for (int n = 0; n < kHeadDim / 8; ++n) {
+        *reinterpret_cast<float2*>(&sh.merge.o[warp][local][n * 8 + 2 * (lane % 4)]) =
+            make_float2(st.o[n][2 * r], st.o[n][2 * r + 1]);
+      }
+      if (lane % 4 == 0) {
+        sh.merge.m[warp][local] = st.m[r];
+        sh.merge.l[warp][local] = st.l[r];
+      }
     }
   }
-  cluster.sync();
+  __syncthreads();
 
-  // Merge the splits' states, rows dealt out over the cluster's warps:
-  //   M = max m_s;  out = Σ_s 2^(m_s - M) acc_s / Σ_s 2^(m_s - M) l_s.
   __nv_bfloat162* out2 = reinterpret_cast<__nv_bfloat162*>(out);
-  for (int r = split + splits * warp; r < rows; r += splits * kWarps) {
+  auto write_out = [&](int row, float2 o, float sum) {
+    const float inv = 1.0f / sum;
+    const int64_t out_row = int64_t(tile.first_query + row / group) * heads + kv_head * group + row % group;
+    out2[out_row * (kHeadDim / 2) + lane] = __floats2bfloat162_rn(o.x * inv, o.y * inv);
+  };
+  // Row `row`'s slices sit in warps row_tile, row_tile + row_tiles, ...; only the warp
+  // merging the row touches them, so the merged state goes back into slot row_tile.
+  for (int row = warp; row < rows; row += kWarps) {
+    const int tile_of_row = row / kRowTile;
+    const int local = row % kRowTile;
     float m_all = -INFINITY;
-    for (int s = 0; s < splits; ++s) m_all = fmaxf(m_all, cluster.map_shared_rank(&sh, s)->row_max[r]);
+    for (int w = tile_of_row; w < row_tiles * slices; w += row_tiles) m_all = fmaxf(m_all, sh.merge.m[w][local]);
     float sum = 0.0f;
     float2 o = make_float2(0.0f, 0.0f);
-    for (int s = 0; s < splits; ++s) {
-      const SharedTiles* part = cluster.map_shared_rank(&sh, s);
-      const float w = exp2f(part->row_max[r] - m_all);
-      const float2 a = reinterpret_cast<const float2*>(part->q[r])[lane];
-      sum += w * part->row_sum[r];
-      o.x += w * a.x;
-      o.y += w * a.y;
+    for (int w = tile_of_row; w < row_tiles * slices; w += row_tiles) {
+      const float weight = exp2f(sh.merge.m[w][local] - m_all);
+      const float2 a = *reinterpret_cast<const float2*>(&sh.merge.o[w][local][2 * lane]);
+      sum += weight * sh.merge.l[w][local];
+      o.x += weight * a.x;
+      o.y += weight * a.y;
     }
-    const float inv = 1.0f / sum;
-    const int64_t row = int64_t(tile.first_query + r / group) * heads + kv_head * group + r % group;
-    out2[row * (kHeadDim / 2) + lane] = __floats2bfloat162_rn(o.x * inv, o.y * inv);
+    if (splits == 1) {
+      write_out(row, o, sum);
+    } else {
+      __syncwarp();  // every lane has read slot tile_of_row before it is overwritten
+      *reinterpret_cast<float2*>(&sh.merge.o[tile_of_row][local][2 * lane]) = o;
+      if (lane == 0) {
+        sh.merge.m[tile_of_row][local] = m_all;
+        sh.merge.l[tile_of_row][local] = sum;
+      }
+    }
+  }
+  if (splits == 1) return;
+
+  cluster.sync();
+  // Rows dealt out over the cluster's warps; the splits' loads are independent, so their
+  // remote latencies overlap.
+  for (int row = split + splits * warp; row < rows; row += splits * kWarps) {
+    const int tile_of_row = row / kRowTile;
+    const int local = row % kRowTile;
+    float m_split[kMaxSplits];
+    float m_all = -INFINITY;
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      m_split[s] = s < splits ? cluster.map_shared_rank(&sh, s)->merge.m[tile_of_row][local] : -INFINITY;
+      m_all = fmaxf(m_all, m_split[s]);
+    }
+    float sum = 0.0f;
+    float2 o = make_float2(0.0f, 0.0f);
+#pragma unroll
+    for (int s = 0; s < kMaxSplits; ++s) {
+      if (s < splits) {
+        const SharedMemory* part = cluster.map_shared_rank(&sh, s);
+        const float weight = exp2f(m_split[s] - m_all);
+        const float2 a = *reinterpret_cast<const float2*>(&part->merge.o[tile_of_row][local][2 * lane]);
+        sum += weight * part->merge.l[tile_of_row][local];
+        o.x += weight * a.x;
+        o.y += weight * a.y;
+      }
+    }
+    write_out(row, o, sum);
   }
   cluster.sync();  // no CTA leaves while another still reads its shared memory
 }
@@ -245,6 +437,9 @@ void paged_attention_forward(__nv_bfloat16* out, const float* q, const PagedKv& 
               __FILE__, __LINE__);
   }
   if (n_tiles == 0) return;
+  // Above the 48 KB default: an attribute of the function, no stream work (capture-safe).
+  OSSRL_CUDA_CHECK(cudaFuncSetAttribute(paged_attention_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        int(kSharedBytes)));
 
   // Split the keys over a cluster only while the (tile, kv head) CTAs alone leave SMs idle:
   // two CTAs are resident per SM. Attribute queries are no stream work, so capture is unaffected.
@@ -259,6 +454,7 @@ void paged_attention_forward(__nv_bfloat16* out, const float* q, const PagedKv& 
   cudaLaunchConfig_t config{};
   config.gridDim = dim3(unsigned(n_tiles), unsigned(kv_heads), unsigned(splits));
   config.blockDim = dim3(kThreads);
+  config.dynamicSmemBytes = kSharedBytes;
   config.stream = stream;
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;

@@ -263,6 +263,7 @@ struct CudaModel::Impl {
   StepBuffers step;
   // One cuBLAS handle per stream forward() has run on (a handle is bound to its stream).
   std::map<cudaStream_t, std::unique_ptr<cuda::Blas>> blas;
+  OpProfiler* profiler = nullptr;
 
   // Allocates every weight buffer of config's shape, contents unset.
   Impl(const GptOssConfig& c, const std::vector<bool>& mxfp4_layers) : config(c) {
@@ -386,6 +387,7 @@ std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mx
 const GptOssConfig& CudaModel::config() const { return impl_->config; }
 const StepCapacity& CudaModel::capacity() const { return impl_->capacity; }
 StepBuffers& CudaModel::step() { return impl_->step; }
+void CudaModel::set_profiler(OpProfiler* profiler) { impl_->profiler = profiler; }
 
 MemoryPlan CudaModel::memory_plan() const {
   return MemoryPlan{impl_->weight_bytes, impl_->kv_bytes, impl_->workspace_bytes, impl_->kv_pages, impl_->page_size};
@@ -464,49 +466,65 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   const int q_dim = heads * head_dim;
   const int qkv_dim = (heads + 2 * kv_heads) * head_dim;
   const float eps = float(c.rms_norm_eps);
+  ProfiledStep profile(m.profiler, stream, n_tokens, n_sequences);
 
   cuda::embedding_forward(ws.residual.data(), m.embed_tokens.data(), step.tokens, n_tokens, hidden, stream);
+  profile.mark(Op::Embedding);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& w = m.layers[size_t(l)];
     // residual += o_proj(attention(rope(qkv(rmsnorm(residual)))))
     cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.input_layernorm.data(), nullptr, n_tokens, hidden,
                           eps, stream);
+    profile.mark(Op::AttnNorm);
     cuda::linear_forward(blas, ws.qkv.data(), ws.normed.data(), w.qkv.data(), w.qkv_bias.data(), n_tokens, hidden,
                          qkv_dim, false);
+    profile.mark(Op::QkvProj);
     bf16* k_cache = m.layer_kv(l, 0);
     bf16* v_cache = m.layer_kv(l, 1);
     cuda::rope_qkv_forward(ws.q.data(), k_cache, v_cache, ws.qkv.data(), step.positions, step.kv_slots,
                            m.inv_freq.data(), m.attention_scaling, n_tokens, heads, kv_heads, head_dim, stream);
+    profile.mark(Op::RopeKv);
     const cuda::PagedKv kv{k_cache, v_cache, step.block_tables, cap.max_pages_per_seq, m.page_size};
     cuda::paged_attention_forward(ws.attention.data(), ws.q.data(), kv, w.sinks.data(), step.positions, step.tiles,
                                   n_tiles, heads, kv_heads, head_dim, w.sliding_window, stream);
+    profile.mark(Op::Attention);
     cuda::linear_forward(blas, ws.residual.data(), ws.attention.data(), w.o_proj.data(), w.o_bias.data(), n_tokens,
                          q_dim, hidden, true);
+    profile.mark(Op::OProj);
 
     // residual += Σ_s weight_s · expert_s(rmsnorm(residual)) over the top-k experts
     cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.post_attention_layernorm.data(), nullptr, n_tokens,
                           hidden, eps, stream);
+    profile.mark(Op::MoeNorm);
     cuda::linear_forward(blas, ws.router_logits.data(), ws.normed.data(), w.router.data(), nullptr, n_tokens, hidden,
                          experts, false);
+    profile.mark(Op::Router);
     cuda::router_topk_forward(ws.expert_index.data(), ws.expert_weight.data(), ws.router_logits.data(),
                               w.router_bias.data(), n_tokens, experts, k, stream);
     cuda::moe_group_by_expert(ws.expert_offsets.data(), ws.sorted_assignments.data(), ws.expert_index.data(),
                               n_tokens, k, experts, stream);
+    profile.mark(Op::TopkGroup);
     cuda::moe_gate_up_swiglu(ws.swiglu.data(), ws.normed.data(), ws.sorted_assignments.data(),
                              ws.expert_offsets.data(), n_tokens, k, w.gate_up.view(), float(c.swiglu_limit), stream);
+    profile.mark(Op::MoeGateUp);
     cuda::moe_down(ws.expert_out.data(), ws.swiglu.data(), ws.sorted_assignments.data(), ws.expert_offsets.data(),
                    n_tokens, k, w.down.view(), stream);
+    profile.mark(Op::MoeDown);
     cuda::moe_combine(ws.residual.data(), ws.expert_out.data(), ws.expert_weight.data(), n_tokens, k, hidden, stream);
+    profile.mark(Op::MoeCombine);
   }
   if (n_sequences == 0) return;
   // Only the rows whose next-token logits are wanted go through the final norm and lm_head.
   cuda::rmsnorm_forward(ws.final_normed.data(), ws.residual.data(), m.norm.data(), step.logit_rows, n_sequences,
                         hidden, eps, stream);
+  profile.mark(Op::FinalNorm);
   cuda::linear_forward(blas, step.logits, ws.final_normed.data(), m.lm_head_weight(), nullptr, n_sequences, hidden,
                        c.vocab_size, false);
+  profile.mark(Op::LmHead);
   if (sample) {
     cuda::sample_tokens(step.sampled, step.logprobs, step.logits, step.params, step.rng_keys, step.rng_draws,
                         n_sequences, c.vocab_size, stream);
+    profile.mark(Op::Sampling);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/attention.h"
+#include "engine/op_profiler.h"
 #include "engine/sampling.h"
 #include "model/config.h"
 
@@ -81,6 +82,10 @@ class CudaModel {
   // when `sample`, sampling into step().sampled / logprobs. Reads only step()'s arrays and
   // these counts, so the same call can be captured in a graph.
   void forward(int n_tokens, int n_tiles, int n_sequences, bool sample, cudaStream_t stream);
+
+  // Times the ops of the eager forward steps `profiler` selects (engine/op_profiler.h);
+  // null (the default) records nothing. The profiler must outlive its use here.
+  void set_profiler(OpProfiler* profiler);
 
  private:
   struct Impl;

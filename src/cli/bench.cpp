@@ -4,6 +4,7 @@
 // op class of a decode step.
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cmath>
@@ -23,8 +24,7 @@ namespace {
 constexpr double kGiB = double(1 << 30);
 // The HBM bandwidth the roofline assumes: H100 SXM's 3.35 TB/s less what is reachable in practice.
 constexpr double kBandwidth = 3.0e12;
-// Decode steps timed op by op under --profile (each sequence's first new token comes from its
-// prefill step).
+// Decode steps of the whole batch timed op by op under --profile.
 constexpr int kProfileSteps = 20;
 
 struct BenchArgs {
@@ -128,14 +128,15 @@ std::vector<std::vector<int32_t>> random_prompts(int batch, int length, int voca
   return prompts;
 }
 
-// Mean GPU time by op class of kProfileSteps eager decode steps of the whole batch
+// Mean GPU time by op class of the eager decode steps of the whole batch in `generation`
 // (engine/op_profiler.h), on an engine of its own with graphs off.
 OpTimes profile_decode(CudaModel& model, EngineOptions options, const std::vector<std::vector<int32_t>>& prompts,
-                       GenerateOptions generation) {
+                       const GenerateOptions& generation) {
   options.cuda_graphs = false;
   CudaEngine engine(model, options);
-  generation.max_new_tokens = 2;
-  (void)engine.generate(prompts, generation);  // warm-up: kernels loaded, cuBLAS handle made
+  // Warm-up on the same steps, so every kernel of every shape is loaded before a step is held:
+  // a module loaded while the hold blocks the stream would wait the hold out.
+  (void)engine.generate(prompts, generation);
   OpProfiler profiler(options.max_batch);
   // Detaches the profiler however generate() ends, before the profiler goes.
   struct Attached {
@@ -143,7 +144,6 @@ OpTimes profile_decode(CudaModel& model, EngineOptions options, const std::vecto
     ~Attached() { model.set_profiler(nullptr); }
   } attached{model};
   model.set_profiler(&profiler);
-  generation.max_new_tokens = kProfileSteps + 1;
   (void)engine.generate(prompts, generation);
   const OpTimes times = profiler.times();
   OSSRL_CHECK(times.steps > 0, "bench --profile: no decode step of the whole batch of {} was timed", options.max_batch);
@@ -204,7 +204,6 @@ void run(const BenchArgs& args) {
   generation.seed = args.seed;
   const int positions = args.prompt_tokens + args.new_tokens;
   const double mean_context = args.prompt_tokens + args.new_tokens / 2.0;
-  const double profile_context = args.prompt_tokens + (kProfileSteps + 1) / 2.0;
 
   nlohmann::json rows = nlohmann::json::array();
   std::vector<std::string> table, profiles;
@@ -221,8 +220,14 @@ void run(const BenchArgs& args) {
       options.kv_pages = batch * ((positions - 1 + args.page_size - 1) / args.page_size);
     }
     const auto prompts = random_prompts(batch, args.prompt_tokens, config.vocab_size, args.seed);
+    // Enough new tokens for kProfileSteps decode steps of the whole batch after the steps that
+    // take in the prompts (the first sequences decode meanwhile), within --new-tokens.
+    GenerateOptions profiled = generation;
+    const int prefill_steps = (batch * args.prompt_tokens + args.prefill_chunk - 1) / args.prefill_chunk;
+    profiled.max_new_tokens = std::min(args.new_tokens, prefill_steps + kProfileSteps);
+    const double profile_context = args.prompt_tokens + profiled.max_new_tokens / 2.0;
     // Before the measured engine is built: one engine per model at a time.
-    const OpTimes profile = args.profile ? profile_decode(*model, options, prompts, generation) : OpTimes{};
+    const OpTimes profile = args.profile ? profile_decode(*model, options, prompts, profiled) : OpTimes{};
 
     CudaEngine engine(*model, options);
     const MemoryPlan plan = engine.memory_plan();
@@ -295,10 +300,9 @@ void run(const BenchArgs& args) {
   if (!profiles.empty()) {
     fmt::print(
         "\nThe ops of a timed step are enqueued behind a hold and then run back to back, so each time is GPU "
-        "execution, not launch latency; an event between every two ops still adds a little. MB moved: weights "
-        "(distinct experts as above), KV of the mean context ({:.0f} positions) and activations, each read or "
-        "written once.\n",
-        profile_context);
+        "execution, not launch latency; the event between every two ops adds a few microseconds to each, which "
+        "shows at batch 1. MB moved: weights (distinct experts as above), KV of the profiled steps' mean context "
+        "and activations, each read or written once.\n");
   }
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path);

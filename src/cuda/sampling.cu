@@ -26,8 +26,8 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // A probability in [0, 1] as an integer multiple of 2^-62: a row's masses, which sum to about
 // 1, fit in 64 bits, and a token's rounding (at most 2^-63) is far below fp32 resolution.
 using Mass = unsigned long long;
-constexpr double kFixedOne = 0x1.0p62;
-__device__ Mass fixed(float p) { return __double2ull_rn(double(p) * kFixedOne); }
+constexpr float kFixedOne = 0x1.0p62f;
+__device__ Mass fixed(float p) { return __float2ull_rn(p * kFixedOne); }  // exact: a power-of-2 scale
 
 __device__ int lane_id() { return int(threadIdx.x) % 32; }
 __device__ int warp_id() { return int(threadIdx.x) / 32; }
@@ -43,12 +43,25 @@ __device__ Segment warp_segment(int vocab, int warp) {
   return {begin, min(begin + length, vocab)};
 }
 
-// f(i) for this lane's ids of `seg`, lane-strided so that each warp access is coalesced;
-// unrolled so that several loads per thread are in flight.
+// f(i, logits[i]) for this lane's ids of `seg`, lane-strided so that each warp access is
+// coalesced. kBatch loads are issued before their first use: with one CTA per SM, the
+// thread's own loads in flight are what covers the memory latency.
 template <class F>
-__device__ void for_each_lane_id(const Segment& seg, F f) {
-#pragma unroll 4
-  for (int i = seg.begin + lane_id(); i < seg.end; i += 32) f(i);
+__device__ void for_each_logit(const float* logits, const Segment& seg, F f) {
+  constexpr int kBatch = 8;
+  for (int first = seg.begin + lane_id(); first < seg.end; first += 32 * kBatch) {
+    float l[kBatch];
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = first + 32 * j;
+      l[j] = i < seg.end ? logits[i] : 0.0f;
+    }
+#pragma unroll
+    for (int j = 0; j < kBatch; ++j) {
+      const int i = first + 32 * j;
+      if (i < seg.end) f(i, l[j]);
+    }
+  }
 }
 
 // Running softmax statistics over part of a row: the max logit and its first id, and
@@ -88,9 +101,9 @@ __device__ SoftmaxStats softmax_stats(const float* logits, int vocab, float temp
   __shared__ SoftmaxStats warp_stats[kWarps];
   const bool tempered = temperature != 1.0f && temperature != 0.0f;
   SoftmaxStats s;
-  for_each_lane_id(warp_segment(vocab, warp_id()), [&](int i) {
+  for_each_logit(logits, warp_segment(vocab, warp_id()), [&](int i, float l) {
     // A single logit is its own max: exp(0) = 1 at any temperature.
-    s = merge(s, SoftmaxStats{logits[i], i, 1.0f, 1.0f}, temperature, tempered);
+    s = merge(s, SoftmaxStats{l, i, 1.0f, 1.0f}, temperature, tempered);
   });
   for (int offset = 16; offset > 0; offset /= 2) s = merge(s, shfl_xor(s, offset), temperature, tempered);
   if (lane_id() == 0) warp_stats[warp_id()] = s;
@@ -116,18 +129,19 @@ struct Row {
   float temperature;
   float sum_t;
 
-  __device__ float prob(int i) const {
-    const float x = logits[i] - max;
-    return expf(temperature == 1.0f ? x : x / temperature) / sum_t;
+  __device__ float weight(float logit) const {  // exp((logit - max) / T), in [0, 1]
+    const float x = logit - max;
+    return expf(temperature == 1.0f ? x : x / temperature);
   }
+  __device__ float prob(float logit) const { return weight(logit) / sum_t; }
 
-  // Σ term(i) over the row, in every thread; term returns a Mass (or a count), and integer
-  // sums make the result independent of the order.
+  // Σ term(i, p_i) over the row, in every thread; term returns a Mass (or a count), and
+  // integer sums make the result independent of the order.
   template <class Term>
   __device__ Mass sum(Term term) const {
     __shared__ Mass warp_totals[kWarps];
     Mass s = 0;
-    for_each_lane_id(warp_segment(vocab, warp_id()), [&](int i) { s += term(i); });
+    for_each_logit(logits, warp_segment(vocab, warp_id()), [&](int i, float l) { s += term(i, prob(l)); });
     s = warp_sum(s);
     if (lane_id() == 0) warp_totals[warp_id()] = s;
     __syncthreads();
@@ -152,6 +166,7 @@ struct Keep {
   Cut top_p;
   float min_p = 0.0f;  // min_p * p_max
   __device__ bool operator()(float p, int id) const { return top_k.keeps(p, id) && top_p.keeps(p, id) && p >= min_p; }
+  __device__ bool truncates() const { return top_k.value >= 0.0f || top_p.value >= 0.0f || min_p > 0.0f; }
 };
 
 __device__ uint32_t bits(float p) { return __float_as_uint(p); }  // monotone for p >= 0
@@ -177,10 +192,7 @@ template <class Kept>
 __device__ int tie_cut(const Row& row, Kept kept, float value, Mass need, Mass ties) {
   if (need >= ties) return INT_MAX;
   return int(last_where(0, uint32_t(row.vocab - 1), [&](uint32_t b) {
-    return row.sum([&](int i) -> Mass {
-             const float p = row.prob(i);
-             return p == value && kept(p, i) && uint32_t(i) < b;
-           }) < need;
+    return row.sum([&](int i, float p) -> Mass { return p == value && kept(p, i) && uint32_t(i) < b; }) < need;
   }));
 }
 
@@ -189,13 +201,10 @@ __device__ Cut top_k_cut(const Row& row, int k, float p_max) {
   const auto everything = [](float, int) { return true; };
   // The k-th largest probability: the largest value with at least k tokens at or above it.
   const float value = __uint_as_float(last_where(0, bits(p_max), [&](uint32_t b) {
-    return row.sum([&](int i) -> Mass { return bits(row.prob(i)) >= b; }) >= Mass(k);
+    return row.sum([&](int, float p) -> Mass { return bits(p) >= b; }) >= Mass(k);
   }));
   // Tokens above the value (high word) and at it (low word), in one pass.
-  const Mass counts = row.sum([&](int i) -> Mass {
-    const float p = row.prob(i);
-    return p > value ? Mass(1) << 32 : p == value;
-  });
+  const Mass counts = row.sum([&](int, float p) -> Mass { return p > value ? Mass(1) << 32 : p == value; });
   const Mass above = counts >> 32, ties = counts & 0xffffffffu;
   return Cut{value, tie_cut(row, everything, value, Mass(k) - above, ties)};
 }
@@ -205,10 +214,7 @@ __device__ Cut top_k_cut(const Row& row, int k, float p_max) {
 __device__ Cut top_p_cut(const Row& row, const Cut& top_k, float top_p, float p_max) {
   const auto kept = [&](float p, int i) { return top_k.keeps(p, i); };
   const auto mass_where = [&](auto&& include) {
-    return row.sum([&](int i) -> Mass {
-      const float p = row.prob(i);
-      return kept(p, i) && include(p) ? fixed(p) : 0;
-    });
+    return row.sum([&](int i, float p) -> Mass { return kept(p, i) && include(p) ? fixed(p) : 0; });
   };
   const double target = double(top_p) * double(mass_where([](float) { return true; }));
   // The probability of the last token needed: the largest value whose tokens at or above it
@@ -236,12 +242,16 @@ __device__ int draw_token(const Row& row, const Keep& keep, double u) {
   using Scan = cub::BlockScan<Mass, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
   __shared__ typename Scan::TempStorage scan_storage;
 
-  const auto kept_mass = [&](int i) -> Mass {
-    const float p = row.prob(i);
-    return keep(p, i) ? fixed(p) : 0;
+  // Masses as exp(...) * (2^62 / Σ), with no division on the untruncated path (the common
+  // one); p only decides what is kept.
+  const bool truncates = keep.truncates();
+  const float scale = kFixedOne / row.sum_t;
+  const auto kept_mass = [&](int i, float logit) -> Mass {
+    const float w = row.weight(logit);
+    return truncates && !keep(w / row.sum_t, i) ? 0 : __float2ull_rn(w * scale);
   };
   Mass s = 0;
-  for_each_lane_id(warp_segment(row.vocab, warp_id()), [&](int i) { s += kept_mass(i); });
+  for_each_logit(row.logits, warp_segment(row.vocab, warp_id()), [&](int i, float l) { s += kept_mass(i, l); });
   s = warp_sum(s);
   if (lane_id() == 0) segment_mass[warp_id()] = s;
   __syncthreads();
@@ -261,13 +271,13 @@ __device__ int draw_token(const Row& row, const Keep& keep, double u) {
   const int begin = min(owned.begin + int(threadIdx.x) * chunk, owned.end);
   const int end = min(begin + chunk, owned.end);
   Mass mine = 0;
-  for (int i = begin; i < end; ++i) mine += kept_mass(i);
+  for (int i = begin; i < end; ++i) mine += kept_mass(i, row.logits[i]);
   Mass before = 0;
   Scan(scan_storage).ExclusiveSum(mine, before);
   Mass cumulative = start + before;
   if (cumulative <= target && target < cumulative + mine) {
     for (int i = begin; i < end; ++i) {
-      cumulative += kept_mass(i);
+      cumulative += kept_mass(i, row.logits[i]);
       if (target < cumulative) {
         token_shared = i;
         break;

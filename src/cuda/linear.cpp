@@ -3,6 +3,7 @@
 #include <cublas_v2.h>
 
 #include "core/error.h"
+#include "cuda/gemv.h"
 #include "cuda/linear_bias.h"
 
 namespace ossrl::cuda {
@@ -36,8 +37,19 @@ Blas::~Blas() {
 }
 
 void linear_forward(Blas& blas, float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias,
-                    int n, int in, int out, bool accumulate) {
+                    int n, int in, int out, bool accumulate, LinearKernel kernel) {
   if (n == 0) return;
+  const bool fits = skinny_linear_fits(x, w, n, in);
+  if (kernel == LinearKernel::skinny && !fits) {
+    fail("linear_forward: the skinny kernel takes 1..{} rows, `in` a multiple of 8 and 16-byte aligned x and W "
+         "(got n {}, in {})",
+         kSkinnyMaxRows, n, in);
+  }
+  // Wherever the skinny kernel fits it is the faster (kSkinnyMaxRows is the measured crossover).
+  if (kernel == LinearKernel::skinny || (kernel == LinearKernel::automatic && fits)) {
+    skinny_linear_forward(y, x, w, bias, n, in, out, accumulate, blas.stream());
+    return;
+  }
   const float alpha = 1.0f;
   const float beta = accumulate ? 1.0f : 0.0f;
   // Column-major view: yᵀ [out, n] = W [out, in] (stored as Wᵀ, column-major [in, out]) · xᵀ [in, n].

@@ -26,9 +26,14 @@ class Blas {
   DeviceBuffer<unsigned char> workspace_;
 };
 
+// Which kernel computes a linear_forward. `automatic` is the fastest measured for the shape:
+// the skinny bandwidth-bound kernel (cuda/gemv.h) for a few rows, cuBLAS otherwise; tests and
+// benches force one to compare them (forcing `skinny` where it does not fit is an error).
+enum class LinearKernel { automatic, cublas, skinny };
+
 // y [n, out] fp32 = (accumulate ? y : 0) + x [n, in] bf16 · Wᵀ + bias; W bf16 [out, in]
 // (nn.Linear's layout), bias [out] fp32 or null. fp32 accumulation.
 void linear_forward(Blas& blas, float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias,
-                    int n, int in, int out, bool accumulate);
+                    int n, int in, int out, bool accumulate, LinearKernel kernel = LinearKernel::automatic);
 
 }  // namespace ossrl::cuda

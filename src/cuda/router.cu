@@ -1,5 +1,6 @@
-// MoE routing: per-token top-k of the router logits with a softmax over the chosen, and the
-// deterministic grouping of (token, slot) assignments by expert.
+// MoE routing: per-token top-k of the router logits with a softmax over the chosen, the
+// deterministic grouping of (token, slot) assignments by expert, and for small steps all of
+// it with the norm and router matmul before it in one launch.
 #include "cuda/router.h"
 
 #include <climits>
@@ -10,6 +11,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/check.h"
+#include "cuda/rmsnorm_row.cuh"
 
 namespace ossrl::cuda {
 namespace {
@@ -29,21 +31,19 @@ struct Candidate {
   }
 };
 
-// expert_index / expert_weight [n, k]: the k largest of logits [n, experts] + bias [experts],
-// descending, and softmax over those k. One warp per token; lane l holds experts l, l + 32, ...
-// Each of the k rounds takes the best expert not yet taken by a warp argmax.
-__global__ void __launch_bounds__(kRouterThreads)
-    router_topk_kernel(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias, int n,
-                       int experts, int k) {
+// expert_index / expert_weight [k] of one token: the k largest of logits [experts] + bias
+// [experts], descending, and softmax over those k, by one warp; lane l holds experts l, l + 32,
+// ... Each of the k rounds takes the best expert not yet taken by a warp argmax. The logits are
+// read past L1 (__ldcg): in the fused routing other CTAs of the launch wrote them.
+__device__ void warp_topk(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias,
+                          int experts, int k) {
   const int lane = threadIdx.x % 32;
-  const int64_t t = int64_t(blockIdx.x) * (kRouterThreads / 32) + threadIdx.x / 32;
-  if (t >= n) return;  // the whole warp leaves together
   float v[kMaxExpertsPerLane];
   unsigned available = 0;  // bit s: expert lane + 32 s exists and is not taken yet
 #pragma unroll
   for (int s = 0; s < kMaxExpertsPerLane; ++s) {
     const int e = lane + 32 * s;
-    v[s] = e < experts ? logits[t * experts + e] + bias[e] : 0.0f;
+    v[s] = e < experts ? __ldcg(logits + e) + bias[e] : 0.0f;
     if (e < experts) available |= 1u << s;
   }
   Candidate chosen[kMaxK];
@@ -78,9 +78,19 @@ __global__ void __launch_bounds__(kRouterThreads)
 #pragma unroll
   for (int i = 0; i < kMaxK; ++i) {
     if (i >= k) break;
-    expert_index[t * k + i] = chosen[i].expert;
-    expert_weight[t * k + i] = weight[i] / sum;
+    expert_index[i] = chosen[i].expert;
+    expert_weight[i] = weight[i] / sum;
   }
+}
+
+// expert_index / expert_weight [n, k] from logits [n, experts] + bias [experts]: one warp per
+// token.
+__global__ void __launch_bounds__(kRouterThreads)
+    router_topk_kernel(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias, int n,
+                       int experts, int k) {
+  const int64_t t = int64_t(blockIdx.x) * (kRouterThreads / 32) + threadIdx.x / 32;
+  if (t >= n) return;  // the whole warp leaves together
+  warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, bias, experts, k);
 }
 
 constexpr int kGroupThreads = 1024;
@@ -136,6 +146,157 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
+// The fused routing's work split: a CTA takes kRouteExperts experts of kTokens tokens, and
+// each thread at most kRoutePacks packs of 4 of a row, held in registers (hidden <= 4096 with
+// rmsnorm_forward's CTA sizes).
+constexpr int kRouteExperts = 4;
+constexpr int kRoutePacks = 4;
+
+// Counts this CTA done at *counter, `ctas` of them in all; true in the last one, which resets
+// the counter for the next launch. The fence before counting makes each thread's writes
+// visible device-wide first, the one after lets the last CTA read everyone's.
+__device__ bool last_to_finish(int32_t* counter, int ctas, bool& last_shared) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    last_shared = atomicAdd(counter, 1) == ctas - 1;
+    if (last_shared) *counter = 0;  // no other CTA of this launch touches it again
+  }
+  __syncthreads();
+  const bool last = last_shared;
+  if (last) __threadfence();
+  return last;
+}
+
+// expert_offsets [experts + 1] and sorted_assignments [n*k] from expert_index [n, k] (written
+// by other CTAs: read past L1) for n <= 64, by one CTA: a token picks an expert at most once,
+// so an assignment's rank among its expert's is the number of earlier tokens that picked the
+// expert, a popcount of the expert's token mask.
+template <int kThreads>
+__device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
+                                 int n, int k, int experts) {
+  constexpr int kMaxExperts = 32 * kMaxExpertsPerLane;
+  constexpr int kItems = kMaxExperts / kThreads;  // experts per thread in the scan, blocked
+  using Scan = cub::BlockScan<int, kThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  __shared__ unsigned long long tokens_of[kMaxExperts];  // bit t: token t picked the expert
+  __shared__ int group_start[kMaxExperts];
+  for (int e = threadIdx.x; e < experts; e += kThreads) tokens_of[e] = 0;
+  __syncthreads();
+  const int total = n * k;
+  for (int a = threadIdx.x; a < total; a += kThreads) atomicOr(&tokens_of[__ldcg(expert_index + a)], 1ull << (a / k));
+  __syncthreads();
+  int start[kItems];
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int e = threadIdx.x * kItems + j;
+    start[j] = e < experts ? __popcll(tokens_of[e]) : 0;
+  }
+  Scan(scan_storage).ExclusiveSum(start, start);
+#pragma unroll
+  for (int j = 0; j < kItems; ++j) {
+    const int e = threadIdx.x * kItems + j;
+    if (e < experts) group_start[e] = expert_offsets[e] = start[j];
+  }
+  if (threadIdx.x == 0) expert_offsets[experts] = total;
+  __syncthreads();
+  for (int a = threadIdx.x; a < total; a += kThreads) {
+    const int e = __ldcg(expert_index + a);
+    const unsigned long long earlier_tokens = (1ull << (a / k)) - 1;
+    sorted_assignments[group_start[e] + __popcll(tokens_of[e] & earlier_tokens)] = a;
+  }
+}
+
+// moe_route_fused's kernel. Grid (token groups of kTokens, expert chunks of kRouteExperts),
+// kThreads = the CTA rmsnorm_forward gives a row, so each CTA norms its tokens' rows exactly as
+// rmsnorm_forward does (the first chunk's CTAs write them to `normed`) while its router rows
+// load into registers, then takes the logits [kTokens, kRouteExperts]: per-thread dot products
+// over the thread's packs, reduced across the CTA in a fixed order. The last CTA of a token
+// group to finish (counters[1 + group]) takes the group's top-k, a warp per token; the last
+// group to finish (counters[0]) groups all the assignments by expert. Which CTA is last varies,
+// the results do not. Two CTAs per SM: 128 experts at 64 tokens are 512 CTAs.
+template <int kThreads, int kTokens>
+__global__ void __launch_bounds__(kThreads, 2)
+    moe_route_fused_kernel(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
+                           int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
+                           const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias,
+                           int n, int hidden, int experts, int k, float eps) {
+  using Row = RmsnormRow<kThreads, 4>;
+  using Bf16x4 = Pack<__nv_bfloat16, 4>;
+  constexpr int kWarps = kThreads / 32;
+  constexpr int kOutputs = kTokens * kRouteExperts;
+  __shared__ typename Row::Storage norm_storage[kTokens];
+  __shared__ float partial[kWarps][kOutputs];
+  __shared__ bool last_shared;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int t0 = blockIdx.x * kTokens, tokens = min(kTokens, n - t0);
+  const int e0 = blockIdx.y * kRouteExperts, chunk_experts = min(kRouteExperts, experts - e0);
+  const int packs = hidden / 4;
+
+  // The router rows first: they do not depend on the norm, so their latency overlaps it.
+  Bf16x4 w[kRouteExperts][kRoutePacks] = {};
+#pragma unroll
+  for (int e = 0; e < kRouteExperts; ++e) {
+    const auto* row = reinterpret_cast<const Bf16x4*>(router_weight + int64_t(e0 + e) * hidden);
+#pragma unroll
+    for (int j = 0; j < kRoutePacks; ++j) {
+      const int p = threadIdx.x + j * kThreads;
+      if (e < chunk_experts && p < packs) w[e][j] = row[p];
+    }
+  }
+
+  // Each pack of a normed row goes into the dot products as soon as it is made.
+  float acc[kTokens][kRouteExperts] = {};
+#pragma unroll
+  for (int i = 0; i < kTokens; ++i) {
+    if (i >= tokens) break;
+    const float* xr = x + int64_t(t0 + i) * hidden;
+    const float rstd = Row::rstd(xr, hidden, eps, norm_storage[i]);
+    auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t0 + i) * hidden);
+#pragma unroll
+    for (int j = 0; j < kRoutePacks; ++j) {
+      const int p = threadIdx.x + j * kThreads;
+      if (p >= packs) break;
+      const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd);
+      if (blockIdx.y == 0) out[p] = y;
+#pragma unroll
+      for (int e = 0; e < kRouteExperts; ++e) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[i][e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kTokens; ++i) {
+#pragma unroll
+    for (int e = 0; e < kRouteExperts; ++e) {
+      float v = acc[i][e];
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+      if (lane == 0) partial[warp][i * kRouteExperts + e] = v;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < kOutputs) {
+    const int i = threadIdx.x / kRouteExperts, e = threadIdx.x % kRouteExperts;
+    if (i < tokens && e < chunk_experts) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int r = 0; r < kWarps; ++r) sum += partial[r][threadIdx.x];
+      logits[int64_t(t0 + i) * experts + e0 + e] = sum;
+    }
+  }
+
+  if (!last_to_finish(&counters[1 + blockIdx.x], gridDim.y, last_shared)) return;
+  for (int i = warp; i < tokens; i += kWarps) {
+    const int64_t t = t0 + i;
+    warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, router_bias, experts, k);
+  }
+  if (!last_to_finish(&counters[0], gridDim.x, last_shared)) return;
+  group_small_step<kThreads>(expert_offsets, sorted_assignments, expert_index, n, k, experts);
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
 }  // namespace
 
 void router_topk_forward(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias,
@@ -151,6 +312,44 @@ void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, c
                          int n, int k, int experts, cudaStream_t stream) {
   moe_group_kernel<<<experts, kGroupThreads, 0, stream>>>(expert_offsets, sorted_assignments, expert_index, n * k,
                                                            experts);
+  OSSRL_CUDA_CHECK_LAUNCH();
+}
+
+bool moe_route_fusable(int n, int hidden, int experts, int k) {
+  if (n < 1 || n > kMoeRouteMaxTokens || k < 1 || k > kMaxK || experts < k ||
+      experts > 32 * kMaxExpertsPerLane || hidden < 4 || hidden % 4 != 0) {
+    return false;
+  }
+  const int packs = hidden / 4;
+  const int threads = rmsnorm_threads(packs);
+  return (packs + threads - 1) / threads <= kRoutePacks;
+}
+
+void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
+                     int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
+                     const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias, int n,
+                     int hidden, int experts, int k, float eps, cudaStream_t stream) {
+  // Outside these the result would differ from rmsnorm_forward's (another access width) or not
+  // fit the kernel's registers and masks.
+  if (!moe_route_fusable(n, hidden, experts, k) || !aligned(x, 16) || !aligned(norm_weight, 16) ||
+      !aligned(router_weight, 8) || !aligned(normed, 8)) {
+    fail_cuda(cudaErrorInvalidValue, "moe_route_fused outside moe_route_fusable or misaligned", __FILE__, __LINE__);
+  }
+  auto launch = [&]<int kThreads, int kTokens>() {
+    const dim3 grid((n + kTokens - 1) / kTokens, (experts + kRouteExperts - 1) / kRouteExperts);
+    moe_route_fused_kernel<kThreads, kTokens><<<grid, kThreads, 0, stream>>>(
+        normed, logits, expert_index, expert_weight, expert_offsets, sorted_assignments, counters, x, norm_weight,
+        router_weight, router_bias, n, hidden, experts, k, eps);
+  };
+  // One token per CTA for the smallest steps (the most CTAs to load the router rows), four
+  // beyond (each CTA's router rows serve four tokens: a quarter of the L2 reads).
+  with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
+    if (n <= 8) {
+      launch.template operator()<kThreads, 1>();
+    } else {
+      launch.template operator()<kThreads, 4>();
+    }
+  });
   OSSRL_CUDA_CHECK_LAUNCH();
 }
 

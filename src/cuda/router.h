@@ -4,6 +4,7 @@
 
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 namespace ossrl::cuda {
@@ -20,5 +21,34 @@ void router_topk_forward(int32_t* expert_index, float* expert_weight, const floa
 // n*k) and sorted_assignments [n*k], expert e's assignments at [offsets[e], offsets[e+1]).
 void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                          int n, int k, int experts, cudaStream_t stream);
+
+// The most tokens moe_route_fused takes: the grouping tracks each expert's tokens in one
+// 64-bit mask.
+inline constexpr int kMoeRouteMaxTokens = 64;
+// The int32 counters moe_route_fused needs (its CTAs count themselves done to find the last).
+inline constexpr int kMoeRouteCounters = 1 + kMoeRouteMaxTokens;
+
+// Whether moe_route_fused handles a step of n tokens: 1 <= n <= kMoeRouteMaxTokens, k <= 8,
+// experts <= 256, hidden % 4 == 0 and hidden <= 4096 (a row's share per thread is held in
+// registers).
+bool moe_route_fusable(int n, int hidden, int experts, int k);
+
+// Small steps' MoE routing in one launch, the same results as the sequence
+//   rmsnorm_forward(normed, x, norm_weight) ; linear_forward(logits, normed, router_weight) ;
+//   router_topk_forward(expert_index, expert_weight, logits, router_bias) ;
+//   moe_group_by_expert(expert_offsets, sorted_assignments, expert_index)
+// whose four launches (latency and near-empty grids) cost more than their work at decode
+// batch sizes: normed [n, hidden] bf16 bit for bit, logits [n, experts] fp32 up to summation
+// order (bf16 products, fp32 sums), and from those the same expert_index, expert_weight,
+// expert_offsets and sorted_assignments. x [n, hidden] fp32 (the residual rows), norm_weight
+// [hidden] fp32, router_weight [experts, hidden] bf16, router_bias [experts] fp32; x and
+// norm_weight 16-byte aligned, router_weight and normed 8-byte aligned. counters
+// [kMoeRouteCounters], zero before the first call, are left zero (graph replays reuse them);
+// calls sharing counters must not run concurrently. Requires moe_route_fusable(n, hidden,
+// experts, k).
+void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
+                     int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
+                     const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias, int n,
+                     int hidden, int experts, int k, float eps, cudaStream_t stream);
 
 }  // namespace ossrl::cuda

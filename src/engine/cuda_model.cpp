@@ -124,6 +124,7 @@ struct Workspace {
   DeviceBuffer<float> expert_weight;        // [T, k]
   DeviceBuffer<int32_t> expert_offsets;     // [experts + 1]
   DeviceBuffer<int32_t> sorted_assignments; // [T * k]
+  DeviceBuffer<int32_t> route_counters;     // [cuda::kMoeRouteCounters] moe_route_fused's, zero between steps
   DeviceBuffer<bf16> swiglu;                // [T * k, intermediate] in expert order
   DeviceBuffer<float> expert_out;           // [T * k, hidden] in assignment order
   DeviceBuffer<bf16> final_normed;          // [S, hidden] the logit rows, normed
@@ -153,6 +154,7 @@ struct Workspace {
     expert_weight = a.take<float>(t * k, "expert weights");
     expert_offsets = a.take<int32_t>(experts + 1, "expert offsets");
     sorted_assignments = a.take<int32_t>(t * k, "sorted assignments");
+    route_counters = a.take<int32_t>(cuda::kMoeRouteCounters, "routing counters");
     swiglu = a.take<bf16>(t * k * size_t(c.intermediate_size), "expert SwiGLU activations");
     expert_out = a.take<float>(t * k * hidden, "expert outputs");
     final_normed = a.take<bf16>(s * hidden, "final normed rows");
@@ -428,6 +430,7 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
   m.kv_cache = DeviceBuffer<bf16>(kv_elements, "KV cache");
   Allocator allocator;
   m.ws = Workspace(allocator, c, capacity);
+  OSSRL_CUDA_CHECK(cudaMemset(m.ws.route_counters.data(), 0, m.ws.route_counters.bytes()));
   m.kv_bytes = kv_bytes;
   m.workspace_bytes = allocator.bytes();
   m.capacity = capacity;
@@ -493,16 +496,27 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
     profile.mark(Op::OProj);
 
     // residual += Σ_s weight_s · expert_s(rmsnorm(residual)) over the top-k experts
-    cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.post_attention_layernorm.data(), nullptr, n_tokens,
-                          hidden, eps, stream);
-    profile.mark(Op::MoeNorm);
-    cuda::linear_forward(blas, ws.router_logits.data(), ws.normed.data(), w.router.data(), nullptr, n_tokens, hidden,
-                         experts, false);
-    profile.mark(Op::Router);
-    cuda::router_topk_forward(ws.expert_index.data(), ws.expert_weight.data(), ws.router_logits.data(),
-                              w.router_bias.data(), n_tokens, experts, k, stream);
-    cuda::moe_group_by_expert(ws.expert_offsets.data(), ws.sorted_assignments.data(), ws.expert_index.data(),
-                              n_tokens, k, experts, stream);
+    if (cuda::moe_route_fusable(n_tokens, hidden, experts, k)) {
+      // Decode-sized steps: norm, router, top-k and grouping in one launch, where four cost
+      // more in launches and near-empty grids than in work. Timed as the router.
+      profile.mark(Op::MoeNorm);
+      cuda::moe_route_fused(ws.normed.data(), ws.router_logits.data(), ws.expert_index.data(),
+                            ws.expert_weight.data(), ws.expert_offsets.data(), ws.sorted_assignments.data(),
+                            ws.route_counters.data(), ws.residual.data(), w.post_attention_layernorm.data(),
+                            w.router.data(), w.router_bias.data(), n_tokens, hidden, experts, k, eps, stream);
+      profile.mark(Op::Router);
+    } else {
+      cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.post_attention_layernorm.data(), nullptr,
+                            n_tokens, hidden, eps, stream);
+      profile.mark(Op::MoeNorm);
+      cuda::linear_forward(blas, ws.router_logits.data(), ws.normed.data(), w.router.data(), nullptr, n_tokens,
+                           hidden, experts, false);
+      profile.mark(Op::Router);
+      cuda::router_topk_forward(ws.expert_index.data(), ws.expert_weight.data(), ws.router_logits.data(),
+                                w.router_bias.data(), n_tokens, experts, k, stream);
+      cuda::moe_group_by_expert(ws.expert_offsets.data(), ws.sorted_assignments.data(), ws.expert_index.data(),
+                                n_tokens, k, experts, stream);
+    }
     profile.mark(Op::TopkGroup);
     cuda::moe_gate_up_swiglu(ws.swiglu.data(), ws.normed.data(), ws.sorted_assignments.data(),
                              ws.expert_offsets.data(), n_tokens, k, w.gate_up.view(), float(c.swiglu_limit), stream);

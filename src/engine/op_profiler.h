@@ -28,7 +28,7 @@ enum class Op {
   Attention,   // paged attention
   OProj,
   MoeNorm,
-  Router,      // router logits GEMM
+  Router,      // router logits GEMM; for decode-sized steps the fused norm, router, top-k and grouping
   TopkGroup,   // top-k experts per token and the grouping of assignments by expert
   MoeGateUp,   // expert gate_up GEMM + SwiGLU
   MoeDown,

@@ -146,8 +146,8 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
-// The fused routing's work split: a CTA takes kRouteExperts experts of kTokens tokens, and
-// each thread at most kRoutePacks packs of 4 of a row, held in registers (hidden <= 4096 with
+// The fused routing's work split: a CTA takes kRouteExperts experts of one token, and each
+// thread at most kRoutePacks packs of 4 of the row, held in registers (hidden <= 4096 with
 // rmsnorm_forward's CTA sizes).
 constexpr int kRouteExperts = 4;
 constexpr int kRoutePacks = 4;
@@ -171,7 +171,7 @@ __device__ bool last_to_finish(int32_t* counter, int ctas, bool& last_shared) {
 // expert_offsets [experts + 1] and sorted_assignments [n*k] from expert_index [n, k] (written
 // by other CTAs: read past L1) for n <= 64, by one CTA: a token picks an expert at most once,
 // so an assignment's rank among its expert's is the number of earlier tokens that picked the
-// expert, a popcount of the expert's token mask.
+// expert, a popcount of the expert's 64-bit token mask.
 template <int kThreads>
 __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                                  int n, int k, int experts) {
@@ -207,15 +207,15 @@ __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assign
   }
 }
 
-// moe_route_fused's kernel. Grid (token groups of kTokens, expert chunks of kRouteExperts),
-// kThreads = the CTA rmsnorm_forward gives a row, so each CTA norms its tokens' rows exactly as
-// rmsnorm_forward does (the first chunk's CTAs write them to `normed`) while its router rows
-// load into registers, then takes the logits [kTokens, kRouteExperts]: per-thread dot products
-// over the thread's packs, reduced across the CTA in a fixed order. The last CTA of a token
-// group to finish (counters[1 + group]) takes the group's top-k, a warp per token; the last
-// group to finish (counters[0]) groups all the assignments by expert. Which CTA is last varies,
-// the results do not. Two CTAs per SM: 128 experts at 64 tokens are 512 CTAs.
-template <int kThreads, int kTokens>
+// moe_route_fused's kernel. Grid (tokens, expert chunks of kRouteExperts), kThreads = the
+// CTA rmsnorm_forward gives a row, so each CTA norms its token's row exactly as
+// rmsnorm_forward does (the first chunk's CTA writes it to `normed`) while its router rows load
+// into registers, then takes the logits of its experts: per-thread dot products over the
+// thread's packs, reduced across the CTA in a fixed order. The last CTA of a token to finish
+// (counters[1 + token]) takes the token's top-k; the last token to finish (counters[0]) groups
+// all the assignments by expert. Which CTA is last varies, the results do not. Two CTAs per
+// SM: 128 experts at 8 tokens are 256 CTAs.
+template <int kThreads>
 __global__ void __launch_bounds__(kThreads, 2)
     moe_route_fused_kernel(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
                            int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
@@ -224,12 +224,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   using Row = RmsnormRow<kThreads, 4>;
   using Bf16x4 = Pack<__nv_bfloat16, 4>;
   constexpr int kWarps = kThreads / 32;
-  constexpr int kOutputs = kTokens * kRouteExperts;
-  __shared__ typename Row::Storage norm_storage[kTokens];
-  __shared__ float partial[kWarps][kOutputs];
+  __shared__ typename Row::Storage norm_storage;
+  __shared__ float partial[kWarps][kRouteExperts];
   __shared__ bool last_shared;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int t0 = blockIdx.x * kTokens, tokens = min(kTokens, n - t0);
+  const int64_t t = blockIdx.x;
   const int e0 = blockIdx.y * kRouteExperts, chunk_experts = min(kRouteExperts, experts - e0);
   const int packs = hidden / 4;
 
@@ -245,52 +244,39 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
-  // Each pack of a normed row goes into the dot products as soon as it is made.
-  float acc[kTokens][kRouteExperts] = {};
+  // Each pack of the normed row goes into the dot products as soon as it is made.
+  const float* xr = x + t * hidden;
+  const float rstd = Row::rstd(xr, hidden, eps, norm_storage);
+  auto* out = reinterpret_cast<Bf16x4*>(normed + t * hidden);
+  float acc[kRouteExperts] = {};
 #pragma unroll
-  for (int i = 0; i < kTokens; ++i) {
-    if (i >= tokens) break;
-    const float* xr = x + int64_t(t0 + i) * hidden;
-    const float rstd = Row::rstd(xr, hidden, eps, norm_storage[i]);
-    auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t0 + i) * hidden);
-#pragma unroll
-    for (int j = 0; j < kRoutePacks; ++j) {
-      const int p = threadIdx.x + j * kThreads;
-      if (p >= packs) break;
-      const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd);
-      if (blockIdx.y == 0) out[p] = y;
-#pragma unroll
-      for (int e = 0; e < kRouteExperts; ++e) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[i][e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
-      }
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kTokens; ++i) {
+  for (int j = 0; j < kRoutePacks; ++j) {
+    const int p = threadIdx.x + j * kThreads;
+    if (p >= packs) break;
+    const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd);
+    if (blockIdx.y == 0) out[p] = y;
 #pragma unroll
     for (int e = 0; e < kRouteExperts; ++e) {
-      float v = acc[i][e];
-      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-      if (lane == 0) partial[warp][i * kRouteExperts + e] = v;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
     }
+  }
+#pragma unroll
+  for (int e = 0; e < kRouteExperts; ++e) {
+    float v = acc[e];
+    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+    if (lane == 0) partial[warp][e] = v;
   }
   __syncthreads();
-  if (threadIdx.x < kOutputs) {
-    const int i = threadIdx.x / kRouteExperts, e = threadIdx.x % kRouteExperts;
-    if (i < tokens && e < chunk_experts) {
-      float sum = 0.0f;
+  if (threadIdx.x < chunk_experts) {
+    float sum = 0.0f;
 #pragma unroll
-      for (int r = 0; r < kWarps; ++r) sum += partial[r][threadIdx.x];
-      logits[int64_t(t0 + i) * experts + e0 + e] = sum;
-    }
+    for (int r = 0; r < kWarps; ++r) sum += partial[r][threadIdx.x];
+    logits[t * experts + e0 + threadIdx.x] = sum;
   }
 
-  if (!last_to_finish(&counters[1 + blockIdx.x], gridDim.y, last_shared)) return;
-  for (int i = warp; i < tokens; i += kWarps) {
-    const int64_t t = t0 + i;
-    warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, router_bias, experts, k);
-  }
+  if (!last_to_finish(&counters[1 + t], gridDim.y, last_shared)) return;
+  if (warp == 0) warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, router_bias, experts, k);
   if (!last_to_finish(&counters[0], gridDim.x, last_shared)) return;
   group_small_step<kThreads>(expert_offsets, sorted_assignments, expert_index, n, k, experts);
 }
@@ -335,20 +321,11 @@ void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index
       !aligned(router_weight, 8) || !aligned(normed, 8)) {
     fail_cuda(cudaErrorInvalidValue, "moe_route_fused outside moe_route_fusable or misaligned", __FILE__, __LINE__);
   }
-  auto launch = [&]<int kThreads, int kTokens>() {
-    const dim3 grid((n + kTokens - 1) / kTokens, (experts + kRouteExperts - 1) / kRouteExperts);
-    moe_route_fused_kernel<kThreads, kTokens><<<grid, kThreads, 0, stream>>>(
+  const dim3 grid(n, (experts + kRouteExperts - 1) / kRouteExperts);
+  with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
+    moe_route_fused_kernel<kThreads><<<grid, kThreads, 0, stream>>>(
         normed, logits, expert_index, expert_weight, expert_offsets, sorted_assignments, counters, x, norm_weight,
         router_weight, router_bias, n, hidden, experts, k, eps);
-  };
-  // One token per CTA for the smallest steps (the most CTAs to load the router rows), four
-  // beyond (each CTA's router rows serve four tokens: a quarter of the L2 reads).
-  with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
-    if (n <= 8) {
-      launch.template operator()<kThreads, 1>();
-    } else {
-      launch.template operator()<kThreads, 4>();
-    }
   });
   OSSRL_CUDA_CHECK_LAUNCH();
 }

@@ -497,7 +497,7 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
 
     // residual += Σ_s weight_s · expert_s(rmsnorm(residual)) over the top-k experts
     if (cuda::moe_route_fusable(n_tokens, hidden, experts, k)) {
-      // Decode-sized steps: norm, router, top-k and grouping in one launch, where four cost
+      // Small decode steps: norm, router, top-k and grouping in one launch, where four cost
       // more in launches and near-empty grids than in work. Timed as the router.
       profile.mark(Op::MoeNorm);
       cuda::moe_route_fused(ws.normed.data(), ws.router_logits.data(), ws.expert_index.data(),

@@ -172,7 +172,8 @@ TEST(CudaRouter, FusedRoutingMatchesUnfusedLaunches) {
   // 64, 512, 2880: rmsnorm_forward's CTAs of 32, 128 and 256 threads.
   for (int hidden : {64, 512, 2880}) {
     for (int experts : {32, 128}) {
-      for (int n : {1, 2, 7, 9, 64}) {  // 1-8 tokens one per CTA, 9+ four per CTA
+      EXPECT_FALSE(cuda::moe_route_fusable(cuda::kMoeRouteMaxTokens + 1, hidden, experts, kK));
+      for (int n : {1, 2, 7, cuda::kMoeRouteMaxTokens}) {
         const std::string shape = shape_name(n, hidden, experts);
         ASSERT_TRUE(cuda::moe_route_fusable(n, hidden, experts, kK)) << shape;
         DeviceInputs in(routing_inputs(n, hidden, experts, uint64_t(n) * 1000 + hidden + experts));
@@ -195,7 +196,7 @@ TEST(CudaRouter, FusedRoutingReplaysInAGraph) {
   cudaStream_t stream = nullptr;
   OSSRL_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   cuda::Blas blas(stream);
-  for (int n : {7, 64}) {
+  for (int n : {1, cuda::kMoeRouteMaxTokens}) {
     const std::string shape = shape_name(n, 2880, 32);
     DeviceInputs in(routing_inputs(n, 2880, 32, 77 + n));
     Routing want(n, 2880, 32), got(n, 2880, 32);
@@ -230,7 +231,7 @@ TEST(CudaRouter, FusedRoutingTiming) {
   OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
   constexpr int kRepeats = 50;
   for (int experts : {32, 128}) {
-    for (int n : {1, 8, 9, 32, 64}) {
+    for (int n : {1, 2, 4, cuda::kMoeRouteMaxTokens}) {
       DeviceInputs in(routing_inputs(n, 2880, experts, 5 + n));
       Routing out(n, 2880, experts);
       auto time_us = [&](auto&& route) {

@@ -1,0 +1,599 @@
+// Expert matmuls of the MoE layer (cuda/moe.h) on tensor cores: mma.sync m16n8k16, bf16
+// operands, fp32 accumulators.
+//
+// Shape of the work. The weight is the MMA's A operand (M = output features) and the
+// activations its B operand (N = assignments), so a tile pads the assignments of an expert
+// to a multiple of 8, not 16: decode, with a handful of rows per expert, wastes little. A CTA
+// computes kRowsW features x kRowsX consecutive slots of one expert; grid.x walks the
+// features (so the CTAs that share one tile of activations run together and read it from L2),
+// grid.y the (expert, slot tile) pairs, found by each CTA from expert_offsets with one warp's
+// prefix scan (no host sync, no scratch memory, graph capturable). K streams through a
+// multi-stage cp.async pipeline of the raw weight bytes (MXFP4 codes, or bf16) and the bf16
+// activation rows (gathered by token for gate_up).
+//
+// MXFP4 decode. Each thread decodes, straight into its A fragment registers, the codes that
+// its MMAs use: one 32-bit word (8 codes of one row, k .. k+7) gives 4 bf16 pairs (k+j, k+j+4),
+// cheap to build (mask, multiply, mask; the MMA only needs A and B to pair the same k), and a
+// byte permute pairs the activations of a 16-byte load the same way. A code's 3 magnitude bits
+// become the two low exponent bits and the top mantissa bit of a bf16 (fp4 * 2^-126, E2M1's
+// subnormal 0.5 landing on the bf16 subnormal 2^-127) and exact bf16x2 multiplies by powers
+// of two apply 2^126 * 2^(scale - 127): bit for bit io/mxfp4's decode, including scale 255
+// (0.5 -> 2^127, zero codes 0, larger codes inf) and scale 0 (bf16 subnormals). The integer
+// work is split between the ALU (masks) and the FMA pipe (multiplies): decode is ALU bound.
+//
+// Epilogues. gate_up permutes the weight rows of each 16-row MMA tile as it stages them
+// (gate rows 0,2,..,14 to tile rows 0..7, up rows to 8..15), so each thread holds the gate
+// and the up value of the same unit and slot and applies the clamped SwiGLU in registers,
+// writing bf16 h in slot order. down adds the bias and scatters fp32 rows to y by assignment.
+#include "cuda/moe.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "cuda/check.h"
+
+namespace ossrl::cuda {
+namespace {
+
+constexpr int kBlockValues = 32;  // MXFP4 block: 32 values along `in`, 16 bytes + 1 scale
+constexpr float kSwiGluAlpha = 1.702f;
+
+// ---- device primitives
+
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared without a register round trip. Where !valid nothing is read
+// and the destination is zero-filled: that pads the K tail and the rows past the end.
+__device__ __forceinline__ void copy16_async(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(shared_address(dst)), "l"(src),
+               "r"(valid ? 16 : 0)
+               : "memory");
+}
+__device__ __forceinline__ void commit_async() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+template <int kPending>
+__device__ __forceinline__ void wait_async() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+// d[16x8] += a[16x16] * b[16x8], bf16 in, fp32 accumulate (PTX fragment layouts: a row-major
+// {row g k 2t..2t+1, row g+8 same, row g k 2t+8.., row g+8 k 2t+8..}, b {k 2t.., k 2t+8..} of
+// column g, d {row g cols 2t,2t+1, row g+8 same}; g = lane / 4, t = lane % 4).
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// Round-to-nearest bf16x2 product; subnormals are kept (bf16 arithmetic has no flush).
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// a * b on the FMA pipe (IMAD): the decode below keeps its multiplies off the integer ALU,
+// which its masks already keep busy.
+__device__ __forceinline__ uint32_t mul_lo(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.lo.u32 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
+}
+
+// The two E2M1 codes selected by `mask` (one nibble in each 16-bit half of `codes`, at bits
+// 4j.. of its half) as a bf16 pair equal to fp4 * 2^-126: one multiply makes two copies of each
+// nibble, at 6 and at 12 bits above bit 0 of its half; the copy at 6 gives the 3 magnitude bits
+// their bf16 place (the two low exponent bits and the top mantissa bit, so E2M1's subnormal 0.5
+// lands on the bf16 subnormal 2^-127, exact), the copy at 12 the sign bit (bit 15).
+template <uint32_t kMask, uint32_t kCopies>
+__device__ __forceinline__ uint32_t fp4_pair_bits(uint32_t codes) {
+  return mul_lo(codes & kMask, kCopies) & 0x81C081C0u;
+}
+
+// The 8 weights of one row in a 32-bit word of codes (element i in nibble i) sharing E8M0
+// `scale`, as the bf16 pairs (w0, w4), (w1, w5), (w2, w6), (w3, w7): fp4 * 2^(scale - 127),
+// exactly. The factor 2^126 * 2^(scale - 127) is split as 2^(min(scale,128) - 1) *
+// 2^(max(scale,128) - 128) so both are bf16 normals; each product is exact (a power-of-two
+// scaling of a value with two significant bits) except where the true value reaches 2^128,
+// which rounds to inf as ldexp does. Without kAnyScale the caller guarantees scale <= 128
+// (true of every real checkpoint) and the second factor, 1, is skipped.
+template <bool kAnyScale>
+__device__ __forceinline__ void decode_fp4_word(uint32_t (&pairs)[4], uint32_t codes, uint32_t scale) {
+  const uint32_t upper = codes >> 8;  // nibbles 2, 3 and 6, 7 down to where 0, 1 and 4, 5 were
+  const uint32_t bits[4] = {fp4_pair_bits<0x000F000Fu, 0x1040u>(codes), fp4_pair_bits<0x00F000F0u, 0x0104u>(codes),
+                            fp4_pair_bits<0x000F000Fu, 0x1040u>(upper), fp4_pair_bits<0x00F000F0u, 0x0104u>(upper)};
+  const uint32_t low = ((kAnyScale ? min(scale, 128u) : scale) + 126u) * 0x00800080u;  // exponent << 7, both halves
+#pragma unroll
+  for (int i = 0; i < 4; ++i) pairs[i] = mul_bf16x2(bits[i], low);
+  if constexpr (kAnyScale) {
+    const uint32_t high = (max(scale, 128u) - 1u) * 0x00800080u;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) pairs[i] = mul_bf16x2(pairs[i], high);
+  }
+}
+
+// body(i) for i = tid, tid + kThreads, ... < kCount, unrolled (compile-time trip count).
+template <int kCount, int kThreads, class Body>
+__device__ __forceinline__ void for_each_chunk(int tid, Body body) {
+#pragma unroll
+  for (int j = 0; j < (kCount + kThreads - 1) / kThreads; ++j) {
+    const int i = tid + j * kThreads;
+    if (kCount % kThreads == 0 || i < kCount) body(i);
+  }
+}
+
+// ---- tiling
+
+// A CTA: kWarpsM x kWarpsN warps, each computing kMi 16-feature tiles x kNi 8-slot tiles;
+// K advances kBlocks 32-wide blocks per pipeline stage, kStages stages deep.
+template <int kWarpsM_, int kWarpsN_, int kMi_, int kNi_, int kBlocks_, int kStages_, int kMinCtas_>
+struct Tiling {
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kMi = kMi_, kNi = kNi_;
+  static constexpr int kBlocks = kBlocks_, kStages = kStages_, kMinCtas = kMinCtas_;
+  static constexpr int kThreads = 32 * kWarpsM * kWarpsN;
+  static constexpr int kRowsW = 16 * kMi * kWarpsM;  // output features per CTA
+  static constexpr int kRowsX = 8 * kNi * kWarpsN;   // slots (activation rows) per CTA
+  // Power of two, >= 2: the shared-memory swizzles below need it.
+  static_assert(kBlocks >= 2 && (kBlocks & (kBlocks - 1)) == 0, "kBlocks must be a power of two >= 2");
+  static_assert(kStages >= 2, "a pipeline needs two stages");
+};
+
+// Shared-memory swizzles (16-byte chunk c of tile row r -> physical chunk), chosen so that each
+// fragment load of the main loop touches every bank once per quarter warp:
+// - bf16 rows (activations; bf16 weights): a quarter warp reads chunks 4w..4w+3 of two
+//   adjacent rows; flipping bit 2 on odd rows puts the two rows in opposite halves of the 8
+//   bank groups (rows are multiples of 128 bytes since kBlocks >= 2).
+// - MXFP4 rows (kBlocks chunks of 16 bytes, one per block): a warp reads the same chunk of
+//   8 consecutive rows; the XOR spreads them over the 8 bank groups.
+__device__ __forceinline__ int bf16_chunk(int r, int c) { return c ^ ((r & 1) << 2); }
+template <int kChunks>
+__device__ __forceinline__ int fp4_chunk(int r, int c) {
+  if constexpr (kChunks >= 8) {
+    return c ^ (r & 7);
+  } else {
+    return c ^ ((r / (8 / kChunks)) & (kChunks - 1));
+  }
+}
+
+// Bytes of one pipeline stage and of the whole dynamic shared memory.
+template <class T, bool kMxfp4>
+struct StageLayout {
+  static constexpr int kWRowBytes = kMxfp4 ? 16 * T::kBlocks : 64 * T::kBlocks;
+  static constexpr int kXRowBytes = 64 * T::kBlocks;
+  static constexpr int kWBytes = T::kRowsW * kWRowBytes;
+  static constexpr int kStageBytes = kWBytes + T::kRowsX * kXRowBytes;
+  // MXFP4 scales of the CTA's rows for all of K follow the stages.
+  static size_t bytes(int nblocks) {
+    const size_t scales = kMxfp4 ? (size_t(T::kRowsW) * nblocks + 15) / 16 * 16 : 0;
+    return size_t(T::kStages) * kStageBytes + scales;
+  }
+};
+
+struct MatmulArgs {
+  const __nv_bfloat16* act;  // gate_up: x [n_tokens, in], gathered by token; down: h [n*k, in]
+  const int32_t* sorted_assignments;
+  const int32_t* expert_offsets;
+  int k;
+  ExpertWeights w;
+  __nv_bfloat16* h;  // gate_up output [n*k, out/2]
+  float* y;          // down output [n*k, out]
+  float swiglu_limit;
+};
+
+struct SlotTile {
+  int expert = 0;
+  int begin = 0;  // first slot (index into sorted_assignments)
+  int rows = 0;   // 0: past the last tile, nothing to do
+};
+
+// Tile `index` of the list "experts in order, each cut into ceil(count / kRows) tiles of
+// consecutive slots". Run by one warp: lane l sums the tile counts of a run of experts, a
+// warp scan finds the lane holding `index`, which walks its experts.
+template <int kRows>
+__device__ SlotTile locate_tile(const int32_t* offsets, int experts, int index, int lane) {
+  const int per_lane = (experts + 31) / 32;
+  const int first = lane * per_lane;
+  int tiles = 0;
+  for (int i = 0; i < per_lane; ++i) {
+    const int e = first + i;
+    if (e < experts) tiles += (offsets[e + 1] - offsets[e] + kRows - 1) / kRows;
+  }
+  int inclusive = tiles;
+#pragma unroll
+  for (int d = 1; d < 32; d *= 2) {
+    const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+    if (lane >= d) inclusive += v;
+  }
+  const int exclusive = inclusive - tiles;
+  const unsigned owner = __ballot_sync(0xffffffffu, exclusive <= index && index < inclusive);
+  SlotTile tile;
+  if (owner == 0) return tile;
+  const int src = __ffs(owner) - 1;
+  if (lane == src) {
+    int rest = index - exclusive;
+    for (int i = 0; i < per_lane; ++i) {
+      const int e = first + i;
+      const int begin = offsets[e], count = offsets[e + 1] - begin;
+      const int n = (count + kRows - 1) / kRows;
+      if (rest < n) {
+        tile.expert = e;
+        tile.begin = begin + rest * kRows;
+        tile.rows = min(kRows, count - rest * kRows);
+        break;
+      }
+      rest -= n;
+    }
+  }
+  tile.expert = __shfl_sync(0xffffffffu, tile.expert, src);
+  tile.begin = __shfl_sync(0xffffffffu, tile.begin, src);
+  tile.rows = __shfl_sync(0xffffffffu, tile.rows, src);
+  return tile;
+}
+
+// Tile row -> weight row (relative to the CTA's first feature). gate_up: within each
+// 16-row MMA tile, rows 0..7 hold the gates 0,2,..,14 and rows 8..15 the ups 1,3,..,15.
+template <bool kGateUp>
+__device__ __forceinline__ int weight_row(int r) {
+  if constexpr (kGateUp) {
+    return (r & ~15) | ((r & 7) << 1) | ((r >> 3) & 1);
+  } else {
+    return r;
+  }
+}
+
+// One expert matmul, either projection, either weight format (see the top of the file).
+//   gate_up (kGateUp): act = x [n_tokens, in]; slot j reads row sorted_assignments[j] / k;
+//                      h [n*k, out/2] bf16 = SwiGLU(act · Wᵀ + b), rows in slot order.
+//   down:              act = h [n*k, in], slot j reads row j; y [n*k, out] fp32, row
+//                      sorted_assignments[j] = act · Wᵀ + b.
+template <class T, bool kMxfp4, bool kGateUp>
+__global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel(const MatmulArgs args) {
+  using Layout = StageLayout<T, kMxfp4>;
+  extern __shared__ __align__(128) uint8_t smem[];
+  __shared__ SlotTile s_tile;
+  __shared__ int32_t s_act_row[T::kRowsX];     // activation row read by each slot of the tile
+  __shared__ int32_t s_assignment[T::kRowsX];  // its assignment (t * k + s)
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (warp == 0) {
+    const SlotTile tile = locate_tile<T::kRowsX>(args.expert_offsets, args.w.experts, blockIdx.y, lane);
+    if (lane == 0) s_tile = tile;
+  }
+  __syncthreads();
+  const SlotTile tile = s_tile;
+  if (tile.rows == 0) return;  // the grid is a bound on the tile count
+
+  const ExpertWeights& w = args.w;
+  const int out = w.out, in = w.in, nblocks = in / kBlockValues;
+  const int feature_begin = blockIdx.x * T::kRowsW;
+  const int k_tiles = (nblocks + T::kBlocks - 1) / T::kBlocks;
+  uint8_t* const s_scales = smem + T::kStages * Layout::kStageBytes;
+
+  // MXFP4 scales of the tile's rows, all of K: one contiguous run in global memory.
+  const int scale_bytes = kMxfp4 ? min(T::kRowsW, out - feature_begin) * nblocks : 0;
+  if constexpr (kMxfp4) {
+    const uint8_t* src = w.scales + (size_t(tile.expert) * out + feature_begin) * nblocks;
+    int done = 0;
+    if ((reinterpret_cast<uintptr_t>(src) & 15) == 0) {
+      done = scale_bytes / 16 * 16;
+      for (int i = 16 * tid; i < done; i += 16 * T::kThreads) copy16_async(s_scales + i, src + i, true);
+    }
+    for (int i = done + tid; i < scale_bytes; i += T::kThreads) s_scales[i] = src[i];
+  }
+
+  // Weight tile of K step `kt` into stage `stage`.
+  auto load_weights = [&](int stage, int kt) {
+    uint8_t* dst = smem + stage * Layout::kStageBytes;
+    constexpr int kChunksPerRow = Layout::kWRowBytes / 16;
+    for_each_chunk<T::kRowsW * kChunksPerRow, T::kThreads>(tid, [&](int i) {
+      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+      const int row = feature_begin + weight_row<kGateUp>(r);
+      if constexpr (kMxfp4) {
+        const int kb = kt * T::kBlocks + c;
+        const bool valid = row < out && kb < nblocks;
+        const uint8_t* src =
+            valid ? w.blocks + ((size_t(tile.expert) * out + row) * nblocks + kb) * 16 : w.blocks;
+        copy16_async(dst + r * Layout::kWRowBytes + fp4_chunk<T::kBlocks>(r, c) * 16, src, valid);
+      } else {
+        const int kb = kt * T::kBlocks + c / 4;
+        const bool valid = row < out && kb < nblocks;
+        const __nv_bfloat16* src =
+            valid ? w.dense + (size_t(tile.expert) * out + row) * in + kb * kBlockValues + (c % 4) * 8 : w.dense;
+        copy16_async(dst + r * Layout::kWRowBytes + bf16_chunk(r, c) * 16, src, valid);
+      }
+    });
+  };
+  // Activation rows of K step `kt` into stage `stage`.
+  auto load_activations = [&](int stage, int kt) {
+    uint8_t* dst = smem + stage * Layout::kStageBytes + Layout::kWBytes;
+    constexpr int kChunksPerRow = Layout::kXRowBytes / 16;
+    for_each_chunk<T::kRowsX * kChunksPerRow, T::kThreads>(tid, [&](int i) {
+      const int r = i / kChunksPerRow, c = i % kChunksPerRow;
+      const int kb = kt * T::kBlocks + c / 4;
+      const bool valid = r < tile.rows && kb < nblocks;
+      const __nv_bfloat16* src =
+          valid ? args.act + size_t(s_act_row[r]) * in + kb * kBlockValues + (c % 4) * 8 : args.act;
+      copy16_async(dst + r * Layout::kXRowBytes + bf16_chunk(r, c) * 16, src, valid);
+    });
+  };
+
+  // The weights do not depend on the slots: start them before the slot indices arrive.
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < k_tiles) load_weights(s, s);
+  }
+  for (int r = tid; r < T::kRowsX; r += T::kThreads) {
+    const int a = r < tile.rows ? args.sorted_assignments[tile.begin + r] : 0;
+    s_assignment[r] = a;
+    s_act_row[r] = r < tile.rows ? (kGateUp ? a / args.k : tile.begin + r) : 0;
+  }
+  __syncthreads();
+  // Group s holds stage s's activations (and, for s = 0, every prologue weight tile and the
+  // scales), so waiting for group s means stage s is complete.
+#pragma unroll
+  for (int s = 0; s < T::kStages - 1; ++s) {
+    if (s < k_tiles) load_activations(s, s);
+    commit_async();
+  }
+
+  const int wm = warp % T::kWarpsM, wn = warp / T::kWarpsM;
+  const int g = lane >> 2, t = lane & 3;
+  const int w_row0 = wm * T::kMi * 16 + g;  // tile row of this thread's first A row
+  const int x_row0 = wn * T::kNi * 8 + g;   // tile row of this thread's first B column
+
+  float acc[T::kMi][T::kNi][4];
+#pragma unroll
+  for (int mi = 0; mi < T::kMi; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < T::kNi; ++ni)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
+
+  // The MMAs of stage kt. kTail: the last, partial stage, whose blocks past the end of K are
+  // skipped; kAnyScale: see decode_fp4_word.
+  auto compute_stage = [&](int kt, auto any_scale, auto tail) {
+    [[maybe_unused]] constexpr bool kAnyScale = decltype(any_scale)::value;
+    constexpr bool kTail = decltype(tail)::value;
+    const uint8_t* stage_w = smem + (kt % T::kStages) * Layout::kStageBytes;
+    const uint8_t* stage_x = stage_w + Layout::kWBytes;
+#pragma unroll
+    for (int b = 0; b < T::kBlocks; ++b) {
+      const int kb = kt * T::kBlocks + b;
+      if (kTail && kb >= nblocks) break;
+      // A: rows r0 = w_row0 + 16 mi and r0 + 8 at k = 32 kb + 8t + (0..7), as 4 pairs each
+      // (MXFP4: (k, k+4) for k = 0..3; bf16: (0,1), (2,3), (4,5), (6,7)), the first two making
+      // the block's first k16 step, the last two its second.
+      uint32_t a[T::kMi][2][4];
+#pragma unroll
+      for (int mi = 0; mi < T::kMi; ++mi) {
+        const int r0 = w_row0 + mi * 16, r1 = r0 + 8;
+        uint32_t p0[4], p1[4];
+        if constexpr (kMxfp4) {
+          const uint32_t q0 = *reinterpret_cast<const uint32_t*>(
+              stage_w + r0 * Layout::kWRowBytes + fp4_chunk<T::kBlocks>(r0, b) * 16 + 4 * t);
+          const uint32_t q1 = *reinterpret_cast<const uint32_t*>(
+              stage_w + r1 * Layout::kWRowBytes + fp4_chunk<T::kBlocks>(r1, b) * 16 + 4 * t);
+          decode_fp4_word<kAnyScale>(p0, q0, s_scales[weight_row<kGateUp>(r0) * nblocks + kb]);
+          decode_fp4_word<kAnyScale>(p1, q1, s_scales[weight_row<kGateUp>(r1) * nblocks + kb]);
+        } else {
+          const uint4 u0 =
+              *reinterpret_cast<const uint4*>(stage_w + r0 * Layout::kWRowBytes + bf16_chunk(r0, 4 * b + t) * 16);
+          const uint4 u1 =
+              *reinterpret_cast<const uint4*>(stage_w + r1 * Layout::kWRowBytes + bf16_chunk(r1, 4 * b + t) * 16);
+          p0[0] = u0.x, p0[1] = u0.y, p0[2] = u0.z, p0[3] = u0.w;
+          p1[0] = u1.x, p1[1] = u1.y, p1[2] = u1.z, p1[3] = u1.w;
+        }
+        a[mi][0][0] = p0[0], a[mi][0][1] = p1[0], a[mi][0][2] = p0[1], a[mi][0][3] = p1[1];
+        a[mi][1][0] = p0[2], a[mi][1][1] = p1[2], a[mi][1][2] = p0[3], a[mi][1][3] = p1[3];
+      }
+      // B: the same k of slot column x_row0 + 8 ni (one 16-byte load), paired as A is.
+#pragma unroll
+      for (int ni = 0; ni < T::kNi; ++ni) {
+        const int r = x_row0 + ni * 8;
+        const uint4 xb =
+            *reinterpret_cast<const uint4*>(stage_x + r * Layout::kXRowBytes + bf16_chunk(r, 4 * b + t) * 16);
+        uint32_t bp[4] = {xb.x, xb.y, xb.z, xb.w};
+        if constexpr (kMxfp4) {
+          bp[0] = __byte_perm(xb.x, xb.z, 0x5410), bp[1] = __byte_perm(xb.x, xb.z, 0x7632);
+          bp[2] = __byte_perm(xb.y, xb.w, 0x5410), bp[3] = __byte_perm(xb.y, xb.w, 0x7632);
+        }
+#pragma unroll
+        for (int mi = 0; mi < T::kMi; ++mi) {
+          mma_bf16(acc[mi][ni], a[mi][0], bp[0], bp[1]);
+          mma_bf16(acc[mi][ni], a[mi][1], bp[2], bp[3]);
+        }
+      }
+    }
+  };
+  const int full_tiles = nblocks / T::kBlocks;
+  auto main_loop = [&](auto any_scale) {
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      wait_async<T::kStages - 2>();
+      __syncthreads();  // stage kt visible to all; stage kt-1 free for the refill below
+      const int refill = kt + T::kStages - 1;
+      if (refill < k_tiles) {
+        load_weights(refill % T::kStages, refill);
+        load_activations(refill % T::kStages, refill);
+      }
+      commit_async();
+      if (kt < full_tiles) {
+        compute_stage(kt, any_scale, std::false_type{});
+      } else {
+        compute_stage(kt, any_scale, std::true_type{});
+      }
+    }
+  };
+  // Scales above 128 (only in synthetic weights) need the two-factor decode; one look at the
+  // tile's scales (group 0, with the first stage) picks the loop for the whole CTA.
+  bool any_scale = false;
+  if constexpr (kMxfp4) {
+    wait_async<T::kStages - 2>();
+    __syncthreads();
+    bool above = false;
+    for (int i = tid; i < (scale_bytes + 3) / 4; i += T::kThreads) {
+      above |= __vcmpgtu4(reinterpret_cast<const uint32_t*>(s_scales)[i], 0x80808080u) != 0;
+    }
+    any_scale = __syncthreads_or(above);
+  }
+  if (any_scale) {
+    main_loop(std::true_type{});
+  } else {
+    main_loop(std::false_type{});
+  }
+
+  // Epilogue. acc[mi][ni][i]: tile row w_row0 + 16 mi + 8 (i / 2), slot x_row0 - g + 8 ni + 2t + i % 2.
+  const float* bias = w.bias ? w.bias + size_t(tile.expert) * out : nullptr;
+#pragma unroll
+  for (int mi = 0; mi < T::kMi; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < T::kNi; ++ni) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int r = wn * T::kNi * 8 + ni * 8 + 2 * t + j;  // slot within the tile
+        if (r >= tile.rows) continue;
+        if constexpr (kGateUp) {
+          // Rows r0 / r0 + 8 are the gate / up of unit u: weight rows 2u and 2u + 1.
+          const int u = (feature_begin + wm * T::kMi * 16 + mi * 16) / 2 + g;
+          if (2 * u >= out) continue;
+          const float limit = args.swiglu_limit;
+          float gate = acc[mi][ni][j] + (bias ? bias[2 * u] : 0.0f);
+          float up = acc[mi][ni][2 + j] + (bias ? bias[2 * u + 1] : 0.0f);
+          // The CPU reference's std::min / std::clamp, NaN included.
+          gate = limit < gate ? limit : gate;
+          up = up < -limit ? -limit : (limit < up ? limit : up);
+          const float glu = gate * (1.0f / (1.0f + expf(-gate * kSwiGluAlpha)));
+          args.h[size_t(tile.begin + r) * (out / 2) + u] = __float2bfloat16_rn((up + 1.0f) * glu);
+        } else {
+          const size_t y_row = size_t(s_assignment[r]) * out;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const int f = feature_begin + w_row0 + mi * 16 + 8 * half;
+            if (f < out) args.y[y_row + f] = acc[mi][ni][2 * half + j] + (bias ? bias[f] : 0.0f);
+          }
+        }
+      }
+    }
+  }
+}
+
+// residual [n, hidden] += Σ_s weight[t, s] · y[t*k + s], s ascending; kVec columns a thread.
+template <int kVec>
+__global__ void moe_combine_kernel(float* residual, const float* y, const float* expert_weight, int n, int k,
+                                   int hidden) {
+  using Vec = std::conditional_t<kVec == 4, float4, float>;
+  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // vector index
+  const int per_row = hidden / kVec;
+  if (i >= int64_t(n) * per_row) return;
+  const int64_t token = i / per_row;
+  const int col = int(i % per_row) * kVec;
+  float sum[kVec] = {};
+  for (int s = 0; s < k; ++s) {
+    const int64_t a = token * k + s;
+    const float weight = expert_weight[a];
+    const Vec v = *reinterpret_cast<const Vec*>(y + a * hidden + col);
+    const float* vf = reinterpret_cast<const float*>(&v);
+#pragma unroll
+    for (int c = 0; c < kVec; ++c) sum[c] += weight * vf[c];
+  }
+  Vec r = *reinterpret_cast<Vec*>(residual + token * hidden + col);
+  float* rf = reinterpret_cast<float*>(&r);
+#pragma unroll
+  for (int c = 0; c < kVec; ++c) rf[c] += sum[c];
+  *reinterpret_cast<Vec*>(residual + token * hidden + col) = r;
+}
+
+// ---- host side
+
+[[noreturn]] void fail_shape(const char* what) { fail_cuda(cudaErrorInvalidValue, what, __FILE__, __LINE__); }
+
+void check_weights(const ExpertWeights& w) {
+  if (w.experts <= 0 || w.out <= 0 || w.in <= 0 || w.in % kBlockValues != 0)
+    fail_shape("moe: expert weights need experts, out > 0 and in a positive multiple of 32");
+  if (w.mxfp4 ? (w.blocks == nullptr || w.scales == nullptr) : w.dense == nullptr)
+    fail_shape("moe: expert weights missing (MXFP4 blocks/scales or bf16 dense)");
+}
+
+template <class T, bool kMxfp4, bool kGateUp>
+void launch(const MatmulArgs& args, int assignments, cudaStream_t stream) {
+  auto* kernel = expert_matmul_kernel<T, kMxfp4, kGateUp>;
+  const size_t smem = StageLayout<T, kMxfp4>::bytes(args.w.in / kBlockValues);
+  OSSRL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+  // Every expert with rows adds at most one partial tile.
+  const int64_t tiles = (int64_t(assignments) + T::kRowsX - 1) / T::kRowsX + std::min(args.w.experts, assignments);
+  if (tiles > 65535) fail_shape("moe: too many assignments for one launch (grid.y > 65535)");
+  const dim3 grid(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles));
+  kernel<<<grid, T::kThreads, smem, stream>>>(args);
+  OSSRL_CUDA_CHECK_LAUNCH();
+}
+
+// Tile shapes by the mean number of rows per expert, the fastest measured on an H100
+// (tests/cuda/moe_bench and its tuning runs, gpt-oss-20b shapes): decode (few rows) streams
+// the weights with narrow slot tiles and many CTAs; prefill (many rows) uses 128x128 tiles.
+// bf16 weights take 4x the bytes of MXFP4 per K block, hence fewer blocks per stage.
+template <bool kMxfp4, bool kGateUp>
+void dispatch(const MatmulArgs& args, int assignments, cudaStream_t stream) {
+  constexpr int kDecodeBlocks = kMxfp4 ? 8 : 2, kWideBlocks = kMxfp4 ? 4 : 2;
+  const int64_t per_expert = (int64_t(assignments) + args.w.experts - 1) / args.w.experts;
+  if (per_expert <= 8) {
+    launch<Tiling<4, 1, 1, 1, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp>(args, assignments, stream);
+  } else if (per_expert <= 16) {
+    launch<Tiling<4, 1, 1, 2, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp>(args, assignments, stream);
+  } else if (per_expert <= 48) {
+    launch<Tiling<4, 1, 2, 6, kWideBlocks, 4, 1>, kMxfp4, kGateUp>(args, assignments, stream);
+  } else if constexpr (kGateUp) {
+    launch<Tiling<4, 2, 2, 8, kWideBlocks, 3, 1>, kMxfp4, kGateUp>(args, assignments, stream);
+  } else {
+    launch<Tiling<2, 2, 4, 8, 2, 3, 2>, kMxfp4, kGateUp>(args, assignments, stream);
+  }
+}
+
+template <bool kGateUp>
+void run(const MatmulArgs& args, int assignments, cudaStream_t stream) {
+  if (args.w.mxfp4) {
+    dispatch<true, kGateUp>(args, assignments, stream);
+  } else {
+    dispatch<false, kGateUp>(args, assignments, stream);
+  }
+}
+
+}  // namespace
+
+void moe_gate_up_swiglu(__nv_bfloat16* h, const __nv_bfloat16* x, const int32_t* sorted_assignments,
+                        const int32_t* expert_offsets, int n_tokens, int k, const ExpertWeights& gate_up,
+                        float swiglu_limit, cudaStream_t stream) {
+  check_weights(gate_up);
+  if (gate_up.out % 2 != 0) fail_shape("moe_gate_up_swiglu: out (2 * intermediate) must be even");
+  if (n_tokens <= 0 || k <= 0) return;
+  const MatmulArgs args{x, sorted_assignments, expert_offsets, k, gate_up, h, nullptr, swiglu_limit};
+  run<true>(args, n_tokens * k, stream);
+}
+
+void moe_down(float* y, const __nv_bfloat16* h, const int32_t* sorted_assignments, const int32_t* expert_offsets,
+              int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream) {
+  check_weights(down);
+  if (n_tokens <= 0 || k <= 0) return;
+  const MatmulArgs args{h, sorted_assignments, expert_offsets, k, down, nullptr, y, 0.0f};
+  run<false>(args, n_tokens * k, stream);
+}
+
+void moe_combine(float* residual, const float* y, const float* expert_weight, int n, int k, int hidden,
+                 cudaStream_t stream) {
+  if (n <= 0 || k <= 0 || hidden <= 0) return;
+  constexpr int kThreads = 256;
+  const bool vec = hidden % 4 == 0 && (reinterpret_cast<uintptr_t>(y) & 15) == 0 &&
+                   (reinterpret_cast<uintptr_t>(residual) & 15) == 0;
+  const int64_t threads = int64_t(n) * (vec ? hidden / 4 : hidden);
+  const unsigned blocks = unsigned((threads + kThreads - 1) / kThreads);
+  if (vec) {
+    moe_combine_kernel<4><<<blocks, kThreads, 0, stream>>>(residual, y, expert_weight, n, k, hidden);
+  } else {
+    moe_combine_kernel<1><<<blocks, kThreads, 0, stream>>>(residual, y, expert_weight, n, k, hidden);
+  }
+  OSSRL_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace ossrl::cuda

@@ -1,0 +1,376 @@
+// The MoE expert kernels (cuda/moe.h) against the CPU oracle: linear_forward over the same
+// MXFP4 / bf16 weights (decoded by io/mxfp4) and swiglu_forward, on random weights, inputs and
+// routing, over shapes that hit every tile shape of the dispatch, the K and feature tails and
+// experts with no rows; plus a bit-exact check of the MXFP4 decode over all 256 scales.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/dtype.h"
+#include "cuda/moe.h"
+#include "gpu_test.h"
+#include "model/cpu/linear.h"
+#include "model/cpu/moe.h"
+#include "model/weights.h"
+
+namespace ossrl {
+namespace {
+
+using test::from_device_bf16;
+using test::round_bf16;
+using test::to_device_bf16;
+
+const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& b) {
+  return reinterpret_cast<const __nv_bfloat16*>(b.data());
+}
+__nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.data()); }
+
+// One projection's experts, on the host (the oracle's view) and on the GPU.
+struct Experts {
+  bool mxfp4 = true;
+  int experts = 0, out = 0, in = 0;
+  std::vector<uint8_t> blocks, scales;  // MXFP4 [experts, out, in/32, 16], [experts, out, in/32]
+  std::vector<uint16_t> dense;          // bf16 bits [experts, out, in]
+  std::vector<float> bias;              // [experts, out]
+  cuda::DeviceBuffer<uint8_t> d_blocks, d_scales;
+  cuda::DeviceBuffer<uint16_t> d_dense;
+  cuda::DeviceBuffer<float> d_bias;
+
+  WeightMatrix matrix(int e) const {
+    WeightMatrix m;
+    m.out = out;
+    m.in = in;
+    if (mxfp4) {
+      m.format = WeightFormat::MXFP4;
+      const size_t row_blocks = size_t(in / 32);
+      m.data = blocks.data() + size_t(e) * out * row_blocks * 16;
+      m.scales = scales.data() + size_t(e) * out * row_blocks;
+    } else {
+      m.format = WeightFormat::BF16;
+      m.data = reinterpret_cast<const uint8_t*>(dense.data() + size_t(e) * out * in);
+    }
+    return m;
+  }
+  void upload() {
+    if (mxfp4) {
+      d_blocks = cuda::DeviceBuffer<uint8_t>(blocks, "expert blocks");
+      d_scales = cuda::DeviceBuffer<uint8_t>(scales, "expert scales");
+    } else {
+      d_dense = cuda::DeviceBuffer<uint16_t>(dense, "expert weights");
+    }
+    d_bias = cuda::DeviceBuffer<float>(bias, "expert bias");
+  }
+  cuda::ExpertWeights view() const {
+    cuda::ExpertWeights w;
+    w.mxfp4 = mxfp4;
+    w.blocks = d_blocks.data();
+    w.scales = d_scales.data();
+    w.dense = bf16_ptr(d_dense);
+    w.bias = d_bias.data();
+    w.experts = experts;
+    w.out = out;
+    w.in = in;
+    return w;
+  }
+};
+
+// Random weights: MXFP4 codes uniform over all 16, scales in [118, 124] (|w| up to 6 * 2^-3,
+// the range of gpt-oss's experts); bf16 uniform in +-4/sqrt(in) (wide enough that x in +-4
+// drives some gate/up values past the SwiGLU clamp).
+Experts random_experts(bool mxfp4, int experts, int out, int in, uint64_t seed) {
+  Experts w;
+  w.mxfp4 = mxfp4;
+  w.experts = experts;
+  w.out = out;
+  w.in = in;
+  std::mt19937_64 rng(seed);
+  const size_t values = size_t(experts) * out * in;
+  if (mxfp4) {
+    w.blocks.resize(values / 2);
+    w.scales.resize(values / 32);
+    for (size_t i = 0; i < w.blocks.size(); i += 8) {
+      const uint64_t r = rng();
+      std::memcpy(w.blocks.data() + i, &r, std::min<size_t>(8, w.blocks.size() - i));
+    }
+    std::uniform_int_distribution<int> scale(118, 124);
+    for (uint8_t& s : w.scales) s = uint8_t(scale(rng));
+  } else {
+    w.dense.resize(values);
+    const float bound = 4.0f / std::sqrt(float(in));
+    std::uniform_real_distribution<float> dist(-bound, bound);
+    for (uint16_t& v : w.dense) v = f32_to_bf16(dist(rng));
+  }
+  std::uniform_real_distribution<float> bias(-0.5f, 0.5f);
+  w.bias.resize(size_t(experts) * out);
+  for (float& b : w.bias) b = bias(rng);
+  w.upload();
+  return w;
+}
+
+// Routing as cuda/router.h groups it: k distinct experts per token (never one of `unused`),
+// slots a = t*k + s grouped by expert, ascending a within an expert.
+struct Routing {
+  std::vector<int32_t> expert_index;  // [n, k]
+  std::vector<int32_t> offsets;       // [experts + 1]
+  std::vector<int32_t> sorted;        // [n*k]
+};
+
+Routing random_routing(int n, int k, int experts, const std::vector<int>& unused, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<int> allowed;
+  for (int e = 0; e < experts; ++e) {
+    if (std::find(unused.begin(), unused.end(), e) == unused.end()) allowed.push_back(e);
+  }
+  Routing r;
+  r.expert_index.resize(size_t(n) * k);
+  for (int t = 0; t < n; ++t) {
+    std::shuffle(allowed.begin(), allowed.end(), rng);
+    for (int s = 0; s < k; ++s) r.expert_index[size_t(t) * k + s] = allowed[size_t(s)];
+  }
+  r.offsets.assign(size_t(experts) + 1, 0);
+  for (int e = 0; e < experts; ++e) {
+    for (int a = 0; a < n * k; ++a) {
+      if (r.expert_index[size_t(a)] == e) r.sorted.push_back(a);
+    }
+    r.offsets[size_t(e) + 1] = int32_t(r.sorted.size());
+  }
+  return r;
+}
+
+std::vector<float> random_vector(size_t n, float scale, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+struct MoeCase {
+  std::string name;
+  int tokens, hidden, intermediate, experts, k;
+  bool mxfp4;
+  std::vector<int> unused_experts;  // experts that get no rows
+  float x_scale;                    // |x| bound: large enough that the SwiGLU clamp is exercised
+};
+
+void PrintTo(const MoeCase& c, std::ostream* os) { *os << c.name; }
+
+class MoeKernels : public ::testing::TestWithParam<MoeCase> {};
+
+// gate_up + SwiGLU, then down, then combine, each against the CPU oracle fed what the GPU
+// fed the kernel (so errors do not compound from one stage to the next).
+TEST_P(MoeKernels, MatchCpuReference) {
+  OSSRL_REQUIRE_GPU();
+  const MoeCase& c = GetParam();
+  const int n = c.tokens, k = c.k, H = c.hidden, I = c.intermediate;
+  const float limit = 7.0f;
+  const Experts gate_up = random_experts(c.mxfp4, c.experts, 2 * I, H, 11);
+  const Experts down = random_experts(c.mxfp4, c.experts, H, I, 12);
+  const Routing routing = random_routing(n, k, c.experts, c.unused_experts, 13);
+  for (int e : c.unused_experts) ASSERT_EQ(routing.offsets[size_t(e)], routing.offsets[size_t(e) + 1]);
+  const std::vector<float> x = round_bf16(random_vector(size_t(n) * H, c.x_scale, 14));
+
+  const auto d_x = to_device_bf16(x);
+  const cuda::DeviceBuffer<int32_t> d_sorted(routing.sorted), d_offsets(routing.offsets);
+  // Poisoned (NaN) outputs: an element the kernels fail to write shows up.
+  cuda::DeviceBuffer<uint16_t> d_h(size_t(n) * k * I);
+  cuda::DeviceBuffer<float> d_y(size_t(n) * k * H);
+  OSSRL_CUDA_CHECK(cudaMemset(d_h.data(), 0xff, d_h.bytes()));
+  OSSRL_CUDA_CHECK(cudaMemset(d_y.data(), 0xff, d_y.bytes()));
+  cuda::moe_gate_up_swiglu(bf16_ptr(d_h), bf16_ptr(d_x), d_sorted.data(), d_offsets.data(), n, k, gate_up.view(),
+                           limit, nullptr);
+  cuda::moe_down(d_y.data(), bf16_ptr(d_h), d_sorted.data(), d_offsets.data(), n, k, down.view(), nullptr);
+  OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
+  const std::vector<float> h = from_device_bf16(d_h);
+  const std::vector<float> y = d_y.download();
+
+  double h_max_err = 0, y_max_err = 0, y_max = 0;
+  int64_t clamped = 0;
+  std::vector<float> ys_ref(size_t(n) * k * H);  // the oracle's y, assignment order
+  for (int e = 0; e < c.experts; ++e) {
+    const int begin = routing.offsets[size_t(e)], m = routing.offsets[size_t(e) + 1] - begin;
+    if (m == 0) continue;
+    std::vector<float> xs(size_t(m) * H), gu(size_t(m) * 2 * I), h_ref(size_t(m) * I), y_ref(size_t(m) * H);
+    for (int i = 0; i < m; ++i) {
+      const int t = routing.sorted[size_t(begin + i)] / k;
+      std::copy_n(x.begin() + int64_t(t) * H, H, xs.begin() + int64_t(i) * H);
+    }
+    linear_forward(gu.data(), xs.data(), gate_up.matrix(e), gate_up.bias.data() + int64_t(e) * 2 * I, m);
+    for (float v : gu) clamped += std::abs(v) > limit;
+    swiglu_forward(h_ref.data(), gu.data(), m, I, limit);
+    // h: the GPU rounds to bf16 (2^-9 relative) after an fp32 sum in another order; SwiGLU's
+    // slope (up to ~8 at the clamp) scales that order difference, which stays far below 1e-2
+    // of the row's largest |h|. The second term is the bf16 rounding of h itself, the input
+    // of the down projection.
+    for (int i = 0; i < m; ++i) {
+      const float* ref = h_ref.data() + int64_t(i) * I;
+      const float* got = h.data() + int64_t(begin + i) * I;
+      float row_max = 0;
+      for (int u = 0; u < I; ++u) row_max = std::max(row_max, std::abs(ref[u]));
+      for (int u = 0; u < I; ++u) {
+        const double err = std::abs(double(got[u]) - ref[u]);
+        h_max_err = std::max(h_max_err, err);
+        ASSERT_LE(err, 1e-2 * row_max + std::ldexp(std::abs(ref[u]), -8))
+            << c.name << ": h slot " << begin + i << " (expert " << e << ") unit " << u << ": gpu " << got[u]
+            << " cpu " << ref[u] << " (row max " << row_max << ")";
+      }
+    }
+    // y from the GPU's own bf16 h, so only the down projection's error is measured.
+    std::vector<float> hs(h.begin() + int64_t(begin) * I, h.begin() + int64_t(begin + m) * I);
+    linear_forward(y_ref.data(), hs.data(), down.matrix(e), down.bias.data() + int64_t(e) * H, m);
+    for (int i = 0; i < m; ++i) {
+      const int a = routing.sorted[size_t(begin + i)];
+      std::copy_n(y_ref.begin() + int64_t(i) * H, H, ys_ref.begin() + int64_t(a) * H);
+    }
+  }
+  for (float v : ys_ref) y_max = std::max(y_max, double(std::abs(v)));
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double err = std::abs(double(y[i]) - ys_ref[i]);
+    y_max_err = std::max(y_max_err, err);
+    // fp32 sums of the same bf16 products in another order.
+    ASSERT_LE(err, 1e-3 * y_max) << c.name << ": y assignment " << i / size_t(H) << " column " << i % size_t(H)
+                                 << ": gpu " << y[i] << " cpu " << ys_ref[i] << " (max |y| " << y_max << ")";
+  }
+  if (c.x_scale > 1) EXPECT_GT(clamped, 0) << "the SwiGLU clamp was not exercised";
+
+  // combine: residual += Σ_s w[t,s] y[t*k+s].
+  const std::vector<float> residual = random_vector(size_t(n) * H, 1.0f, 15);
+  const std::vector<float> weight = random_vector(size_t(n) * k, 1.0f, 16);
+  cuda::DeviceBuffer<float> d_residual(residual), d_weight(weight);
+  cuda::moe_combine(d_residual.data(), d_y.data(), d_weight.data(), n, k, H, nullptr);
+  const std::vector<float> combined = d_residual.download();
+  for (int t = 0; t < n; ++t) {
+    for (int col = 0; col < H; ++col) {
+      float sum = 0, mag = 0;
+      for (int s = 0; s < k; ++s) {
+        const float term = weight[size_t(t) * k + s] * y[(size_t(t) * k + s) * H + col];
+        sum += term;
+        mag += std::abs(term);
+      }
+      const size_t i = size_t(t) * H + col;
+      const float want = residual[i] + sum;
+      ASSERT_NEAR(combined[i], want, 1e-6f * (std::abs(residual[i]) + mag))
+          << c.name << ": combine token " << t << " column " << col;
+    }
+  }
+  std::printf("%s: max |h err| %.3g, max |y err| %.3g (max |y| %.3g), %lld clamped gate/up values\n",
+              c.name.c_str(), h_max_err, y_max_err, y_max, static_cast<long long>(clamped));
+}
+
+std::vector<MoeCase> cases() {
+  std::vector<MoeCase> v;
+  // Tiny model: hidden 64, intermediate 64, 8 experts, top-4. Token counts reach every tile
+  // shape of the dispatch (mean rows per expert 0.5 .. 500); expert 5 gets no rows.
+  for (int tokens : {1, 3, 30, 60, 127, 128, 129, 1000}) {
+    v.push_back({"tiny_mxfp4_" + std::to_string(tokens), tokens, 64, 64, 8, 4, true, {5}, 4.0f});
+  }
+  for (int tokens : {1, 30, 129, 1000}) {
+    v.push_back({"tiny_bf16_" + std::to_string(tokens), tokens, 64, 64, 8, 4, false, {5}, 4.0f});
+  }
+  // Odd sizes: in 160 and 96 (5 and 3 blocks: partial pipeline stages), out 192 and 160
+  // (partial feature tiles).
+  for (int tokens : {5, 300}) {
+    v.push_back({"odd_mxfp4_" + std::to_string(tokens), tokens, 160, 96, 6, 2, true, {0}, 4.0f});
+    v.push_back({"odd_bf16_" + std::to_string(tokens), tokens, 160, 96, 6, 2, false, {0}, 4.0f});
+  }
+  // Prefill tiles over enough of K (hidden 1024, intermediate 512: 8 and 4..8 pipeline stages)
+  // that every stage buffer is refilled.
+  for (bool mxfp4 : {true, false}) {
+    v.push_back({std::string("mid_") + (mxfp4 ? "mxfp4" : "bf16") + "_600", 600, 1024, 512, 8, 2, mxfp4, {}, 1.0f});
+  }
+  // gpt-oss-20b: hidden 2880, intermediate 2880, 32 experts, top-4.
+  for (int tokens : {1, 64, 120, 300}) {
+    v.push_back({"gpt_oss_20b_mxfp4_" + std::to_string(tokens), tokens, 2880, 2880, 32, 4, true, {7}, 1.0f});
+  }
+  v.push_back({"gpt_oss_20b_shape_bf16_64", 64, 2880, 2880, 4, 4, false, {}, 1.0f});
+  return v;
+}
+
+INSTANTIATE_TEST_SUITE_P(Shapes, MoeKernels, ::testing::ValuesIn(cases()),
+                         [](const ::testing::TestParamInfo<MoeCase>& info) { return info.param.name; });
+
+// Every scale 0..255 with every code, through the matmul with one-hot inputs: y[t, o] =
+// W[o, t mod 64] * 2^(+-20) must equal the CPU's (io/mxfp4's exact ldexp decode) bit for bit.
+// The 2^20 half checks every nonzero weight as an fp32 normal (the smallest, 2^-128, gives
+// 2^-108); the 2^-20 half keeps the largest (up to 1.5 * 2^129 -> inf) finite where they are.
+TEST(MoeKernels, Mxfp4DecodeIsExact) {
+  OSSRL_REQUIRE_GPU();
+  const int in = 64, blocks_per_row = in / 32, tokens = 128;
+  Experts w;
+  w.mxfp4 = true;
+  w.experts = 1;
+  w.in = in;
+  std::mt19937_64 rng(21);
+  // Rows 0..255: scales 0..252 (twice), any code: all finite.
+  // Rows 256..261: scales 253, 254, 255 with the codes that stay finite (|fp4| <= 3, 1.5, 0.5).
+  // Row 262: scale 255, code 1.0 at k = 0 -> +inf, zeros elsewhere (stay 0).
+  // Row 263: scale 254, code -6.0 at k = 5 -> -inf.
+  struct Row {
+    int scale;
+    int max_magnitude_code;  // codes 0..this (and their negatives)
+  };
+  std::vector<Row> rows;
+  for (int r = 0; r < 256; ++r) rows.push_back({-1, 7});
+  for (int s : {253, 253, 254, 254, 255, 255}) rows.push_back({s, s == 253 ? 5 : s == 254 ? 3 : 1});
+  w.out = int(rows.size()) + 2;
+  w.blocks.assign(size_t(w.out) * blocks_per_row * 16, 0);
+  w.scales.assign(size_t(w.out) * blocks_per_row, 0);
+  for (int r = 0; r < int(rows.size()); ++r) {
+    for (int b = 0; b < blocks_per_row; ++b) {
+      const int block = r * blocks_per_row + b;
+      w.scales[size_t(block)] = uint8_t(rows[size_t(r)].scale < 0 ? block % 253 : rows[size_t(r)].scale);
+      std::uniform_int_distribution<int> magnitude(0, rows[size_t(r)].max_magnitude_code), sign(0, 1);
+      for (int i = 0; i < 16; ++i) {
+        const int lo = magnitude(rng) | sign(rng) << 3, hi = magnitude(rng) | sign(rng) << 3;
+        w.blocks[size_t(block) * 16 + i] = uint8_t(lo | hi << 4);
+      }
+    }
+  }
+  const int inf_row = int(rows.size()), neg_inf_row = inf_row + 1;
+  for (int b = 0; b < blocks_per_row; ++b) {
+    w.scales[size_t(inf_row * blocks_per_row + b)] = 255;
+    w.scales[size_t(neg_inf_row * blocks_per_row + b)] = 254;
+  }
+  w.blocks[size_t(inf_row) * blocks_per_row * 16] = 0x02;           // k 0: +1.0
+  w.blocks[size_t(neg_inf_row) * blocks_per_row * 16 + 2] = 0xf0;   // k 5: -6.0
+  w.bias.assign(size_t(w.out), 0.0f);
+  w.upload();
+
+  std::vector<float> x(size_t(tokens) * in, 0.0f);
+  for (int t = 0; t < tokens; ++t) x[size_t(t) * in + t % in] = std::ldexp(1.0f, t < in ? 20 : -20);
+  std::vector<int32_t> sorted(static_cast<size_t>(tokens)), offsets = {0, tokens};
+  std::iota(sorted.begin(), sorted.end(), 0);
+  const auto d_x = to_device_bf16(x);
+  const cuda::DeviceBuffer<int32_t> d_sorted(sorted), d_offsets(offsets);
+  cuda::DeviceBuffer<float> d_y(size_t(tokens) * w.out);
+  cuda::moe_down(d_y.data(), bf16_ptr(d_x), d_sorted.data(), d_offsets.data(), tokens, 1, w.view(), nullptr);
+  const std::vector<float> y = d_y.download();
+  std::vector<float> want(y.size());
+  linear_forward(want.data(), x.data(), w.matrix(0), nullptr, tokens);
+
+  int infinities = 0;
+  for (int t = 0; t < tokens; ++t) {
+    for (int o = 0; o < w.out; ++o) {
+      const float got = y[size_t(t) * w.out + o], ref = want[size_t(t) * w.out + o];
+      infinities += std::isinf(ref);
+      if (std::isnan(ref) && std::isnan(got)) continue;
+      // An fp32 subnormal product (2^-128 * 2^-20) may be flushed by the tensor core; that
+      // weight is checked exactly by its 2^20 token.
+      if (std::abs(ref) < std::numeric_limits<float>::min() && got == 0.0f) continue;
+      ASSERT_EQ(got, ref) << "token " << t << " row " << o << " (scale "
+                          << int(w.scales[size_t(o * blocks_per_row + (t % in) / 32)]) << ")";
+    }
+  }
+  EXPECT_GE(infinities, 4);  // rows 262 and 263 at their hot tokens
+}
+
+}  // namespace
+}  // namespace ossrl

@@ -25,7 +25,7 @@ date -u +%Y-%m-%dT%H:%MZ
   --json "$out/ossrl-$model.json"
 [ "${HF:-1}" = 1 ] || exit 0
 python3 "$here/hf_generate.py" --model "$model" --batch "$batches" --prompt-tokens "$prompt" \
-  --new-tokens "$hf_new" --json "$out/transformers-$model.json"
+  --new-tokens "$hf_new" ${HF_EXPERTS:+--experts-impl "$HF_EXPERTS"} --json "$out/transformers-$model.json"
 
 python3 - "$out/ossrl-$model.json" "$out/transformers-$model.json" <<'PY'
 import json, sys
@@ -34,6 +34,9 @@ peer = {r["batch"]: r for r in json.load(open(sys.argv[2]))}
 print(f"\n{'batch':>6} {'ossrl tok/s':>12} {'roofline %':>11} {'transformers tok/s':>19} {'multiple':>9}")
 for b in sorted(ours):
     o, p = ours[b], peer.get(b)
-    hf = f"{p['tokens_per_s']:>19.1f} {o['tokens_per_second'] / p['tokens_per_s']:>8.1f}x" if p else f"{'-':>19} {'-':>9}"
+    if p and not p.get("out_of_memory"):
+        hf = f"{p['tokens_per_s']:>19.1f} {o['tokens_per_second'] / p['tokens_per_s']:>8.1f}x"
+    else:
+        hf = f"{'out of memory' if p else '-':>19} {'-':>9}"
     print(f"{b:>6} {o['tokens_per_second']:>12.1f} {o['roofline_percent']:>11.1f} {hf}")
 PY

@@ -30,7 +30,7 @@ SHAPES = {
 }
 
 
-def build_model(name: str, attn: str) -> GptOssForCausalLM:
+def build_model(name: str, attn: str, experts: str | None) -> GptOssForCausalLM:
     layers = SHAPES[name]["num_hidden_layers"]
     config = GptOssConfig(
         vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64,
@@ -39,6 +39,10 @@ def build_model(name: str, attn: str) -> GptOssForCausalLM:
         layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
         **SHAPES[name])
     config._attn_implementation = attn
+    if experts:
+        # transformers 5's expert loop: "batched_mm" (its default for generation: gathers one
+        # weight copy per (token, expert), 15.8 GiB at batch 256), "grouped_mm" or "eager".
+        config._experts_implementation = experts
     # Built in bf16 straight on the GPU: an fp32 copy of 20b alone would take 84 GB.
     torch.set_default_dtype(torch.bfloat16)
     with torch.device("cuda"):
@@ -54,16 +58,18 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=256)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--attn", default="eager", help="transformers attn_implementation")
+    parser.add_argument("--experts-impl", help="transformers experts implementation (default: its own)")
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = build_model(args.model, args.attn)
+    model = build_model(args.model, args.attn, args.experts_impl)
     build_s = time.perf_counter() - start
     weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    print(f"gpt-oss-{args.model} shape, random bf16 weights {weights_gb:.1f} GB, attn={args.attn}, built in {build_s:.0f} s")
+    print(f"gpt-oss-{args.model} shape, random bf16 weights {weights_gb:.1f} GB, attn={args.attn}, "
+          f"experts={getattr(model.config, '_experts_implementation', None)}, built in {build_s:.0f} s")
     print(f"{'batch':>6} {'prompt':>7} {'new':>5} {'tokens/s':>10} {'ms/token':>9} {'wall s':>8} {'peak GB':>8}")
 
     rows = []
@@ -72,13 +78,20 @@ def main() -> None:
         mask = torch.ones_like(prompts)
         kwargs = dict(attention_mask=mask, do_sample=True, temperature=1.0, top_p=1.0, top_k=0,
                       pad_token_id=199999)
-        model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        out = model.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
+        try:
+            model.generate(prompts, max_new_tokens=2, min_new_tokens=2, **kwargs)  # warm-up
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            start = time.perf_counter()
+            out = model.generate(prompts, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, **kwargs)
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - start
+        except torch.OutOfMemoryError:
+            # A result too: the row says so and the next batch size still runs.
+            rows.append(dict(engine="transformers", model=args.model, batch=batch, out_of_memory=True))
+            print(f"{batch:>6} {args.prompt_tokens:>7} {'out of GPU memory':>30}", flush=True)
+            torch.cuda.empty_cache()
+            continue
         new = out.shape[1] - args.prompt_tokens
         row = dict(engine="transformers", model=args.model, batch=batch, prompt_tokens=args.prompt_tokens,
                    new_tokens=new, tokens_per_s=batch * new / wall, ms_per_token=1000 * wall / new,

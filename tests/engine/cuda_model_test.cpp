@@ -45,10 +45,14 @@
 #include "core/error.h"
 #include "cuda/gpu_test.h"
 #include "io/safetensors.h"
+#include "reference_fixtures.h"
 #include "model/cpu_model.h"
 
 namespace ossrl {
 namespace {
+
+using test::read;
+using test::fixture_models;
 
 // Relative to max |expected logit|; see the header.
 constexpr float kMeanTolerance = 5e-3f;
@@ -56,28 +60,6 @@ constexpr float kMedianRowTolerance = 2e-2f;
 constexpr float kMaxTolerance = 0.3f;
 
 constexpr int kPageSize = 16;
-
-std::vector<std::string> fixture_models() {
-  std::vector<std::string> names;
-  if (!std::filesystem::is_directory(OSSRL_FIXTURE_DIR)) return names;
-  for (const auto& entry : std::filesystem::directory_iterator(OSSRL_FIXTURE_DIR)) {
-    if (std::filesystem::exists(entry.path() / "reference.safetensors") &&
-        std::filesystem::exists(entry.path() / "config.json")) {
-      names.push_back(entry.path().filename().string());
-    }
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-// A reference tensor copied out of the (unaligned) mapping.
-template <typename T>
-std::vector<T> read(const SafetensorsFile& f, const std::string& name) {
-  const TensorView& t = f.tensor(name);
-  std::vector<T> v(t.nbytes / sizeof(T));
-  std::memcpy(v.data(), t.data, t.nbytes);
-  return v;
-}
 
 template <typename T>
 void to_device(T* dst, const std::vector<T>& host) {

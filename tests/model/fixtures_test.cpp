@@ -13,37 +13,17 @@
 
 #include "engine/generate.h"
 #include "io/safetensors.h"
+#include "reference_fixtures.h"
 #include "model/cpu_model.h"
 
 namespace ossrl {
 namespace {
 
+using test::read;
+using test::fixture_models;
+
 // Logits and log-probs: max abs error over max |reference| must stay under this.
 constexpr float kRelativeTolerance = 1e-3f;
-
-std::vector<std::string> fixture_models() {
-  std::vector<std::string> names;
-  if (!std::filesystem::is_directory(OSSRL_FIXTURE_DIR)) return names;
-  for (const auto& entry : std::filesystem::directory_iterator(OSSRL_FIXTURE_DIR)) {
-    // Other fixture folders (trl_grpo/, grad-*/) hold references of other kinds.
-    if (std::filesystem::exists(entry.path() / "reference.safetensors") &&
-        std::filesystem::exists(entry.path() / "config.json")) {
-      names.push_back(entry.path().filename().string());
-    }
-  }
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-// A reference tensor copied out of the (unaligned) mapping.
-template <typename T>
-std::vector<T> read(const SafetensorsFile& f, const std::string& name) {
-  const TensorView& t = f.tensor(name);
-  EXPECT_EQ(t.nbytes % sizeof(T), 0u) << name;
-  std::vector<T> v(t.nbytes / sizeof(T));
-  std::memcpy(v.data(), t.data, t.nbytes);
-  return v;
-}
 
 struct Error {
   float max_abs = 0;

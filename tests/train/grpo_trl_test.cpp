@@ -12,21 +12,15 @@
 #include <vector>
 
 #include "io/safetensors.h"
+#include "reference_fixtures.h"
 #include "train/grpo.h"
 
 namespace ossrl {
 namespace {
 
-const std::string kDir = std::string(OSSRL_FIXTURE_DIR) + "/trl_grpo/";
+using test::read;
 
-template <typename T>
-std::vector<T> read(const SafetensorsFile& f, const std::string& name) {
-  const TensorView& t = f.tensor(name);
-  std::vector<T> out(size_t(t.numel()));
-  EXPECT_EQ(t.nbytes, out.size() * sizeof(T)) << name;
-  std::memcpy(out.data(), t.data, t.nbytes);
-  return out;
-}
+const std::string kDir = std::string(OSSRL_FIXTURE_DIR) + "/trl_grpo/";
 
 std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 

@@ -14,4 +14,11 @@ namespace ossrl::cuda {
 void rmsnorm_forward(__nv_bfloat16* out, const float* x, const float* weight, const int32_t* rows, int n,
                      int hidden, float eps, cudaStream_t stream);
 
+// Backward of rmsnorm_forward (rows null) for training: with r = rsqrt(mean(x²) + eps),
+//   dx [n, hidden] fp32 += r · (w ⊙ dy - x · r² · mean(x ⊙ w ⊙ dy))
+// given dy [n, hidden] fp32 = dL/d(out) and the forward's x and weight (the bf16 rounding of
+// out is taken as the identity, as autograd does). dx may alias nothing else.
+void rmsnorm_backward(float* dx, const float* dy, const float* x, const float* weight, int n, int hidden, float eps,
+                      cudaStream_t stream);
+
 }  // namespace ossrl::cuda

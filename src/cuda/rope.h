@@ -20,4 +20,12 @@ void rope_qkv_forward(float* q_out, __nv_bfloat16* k_cache, __nv_bfloat16* v_cac
                       float attention_scaling, int n, int heads, int kv_heads, int head_dim,
                       cudaStream_t stream);
 
+// Backward of rope_qkv_forward's q and k rotations for training: dqkv [n, (heads + 2*kv_heads)
+// * head_dim] fp32 (overwritten) = [rotateᵀ(dq) | rotateᵀ(dk) | dv] per token, given dq [n,
+// heads, head_dim], dk and dv [n, kv_heads, head_dim] fp32 and the same positions, inv_freq
+// and attention_scaling (the transpose of the rotation is the rotation by -angle).
+void rope_qkv_backward(float* dqkv, const float* dq, const float* dk, const float* dv, const int32_t* positions,
+                       const float* inv_freq, float attention_scaling, int n, int heads, int kv_heads, int head_dim,
+                       cudaStream_t stream);
+
 }  // namespace ossrl::cuda

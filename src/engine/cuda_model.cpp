@@ -32,85 +32,6 @@ using cuda::DeviceBuffer;
 
 double gib(size_t bytes) { return double(bytes) / double(size_t(1) << 30); }
 
-// Hands out DeviceBuffers and adds up their bytes; with `count_only` it allocates nothing, so
-// one layout function both sizes a plan (to check it fits) and allocates it.
-class Allocator {
- public:
-  explicit Allocator(bool count_only = false) : count_only_(count_only) {}
-  template <class T>
-  DeviceBuffer<T> take(size_t count, const char* what) {
-    bytes_ += count * sizeof(T);
-    return count_only_ ? DeviceBuffer<T>() : DeviceBuffer<T>(count, what);
-  }
-  size_t bytes() const { return bytes_; }
-
- private:
-  bool count_only_;
-  size_t bytes_ = 0;
-};
-
-// One projection's experts as cuda/moe.h reads them.
-struct DeviceExperts {
-  bool mxfp4 = true;
-  int experts = 0, out = 0, in = 0;
-  DeviceBuffer<uint8_t> blocks;  // MXFP4 [experts, out, in/32, 16]
-  DeviceBuffer<uint8_t> scales;  // MXFP4 [experts, out, in/32]
-  DeviceBuffer<bf16> dense;      // bf16 [experts, out, in]
-  DeviceBuffer<float> bias;      // [experts, out]
-
-  DeviceExperts(Allocator& a, bool mxfp4_, int experts_, int out_, int in_)
-      : mxfp4(mxfp4_), experts(experts_), out(out_), in(in_) {
-    const size_t rows = size_t(experts) * size_t(out);
-    if (mxfp4) {
-      blocks = a.take<uint8_t>(rows * size_t(in / kMxfp4BlockValues) * kMxfp4BlockBytes, "MXFP4 expert blocks");
-      scales = a.take<uint8_t>(rows * size_t(in / kMxfp4BlockValues), "MXFP4 expert scales");
-    } else {
-      dense = a.take<bf16>(rows * size_t(in), "bf16 experts");
-    }
-    bias = a.take<float>(rows, "expert biases");
-  }
-  cuda::ExpertWeights view() const {
-    return cuda::ExpertWeights{mxfp4, blocks.data(), scales.data(), dense.data(), bias.data(), experts, out, in};
-  }
-};
-
-// One decoder layer's weights on the GPU. Biases are empty (null) without attention_bias.
-struct DeviceLayer {
-  DeviceBuffer<float> input_layernorm;           // [hidden]
-  DeviceBuffer<float> post_attention_layernorm;  // [hidden]
-  // q_proj, k_proj and v_proj stacked into one [(heads + 2*kv_heads) * head_dim, hidden]
-  // matrix: one GEMM gives rope_qkv_forward its packed [n, q | k | v] input.
-  DeviceBuffer<bf16> qkv;
-  DeviceBuffer<float> qkv_bias;   // [(heads + 2*kv_heads) * head_dim]
-  DeviceBuffer<bf16> o_proj;      // [hidden, heads * head_dim]
-  DeviceBuffer<float> o_bias;     // [hidden]
-  DeviceBuffer<float> sinks;      // [heads]
-  DeviceBuffer<bf16> router;      // [experts, hidden]
-  DeviceBuffer<float> router_bias;  // [experts]
-  DeviceExperts gate_up;          // [experts, 2*intermediate, hidden], gate even rows, up odd
-  DeviceExperts down;             // [experts, hidden, intermediate]
-  int sliding_window = 0;         // 0: full attention
-
-  DeviceLayer(Allocator& a, const GptOssConfig& c, int l, bool mxfp4_experts)
-      : input_layernorm(a.take<float>(size_t(c.hidden_size), "norm weights")),
-        post_attention_layernorm(a.take<float>(size_t(c.hidden_size), "norm weights")),
-        qkv(a.take<bf16>(qkv_rows(c) * size_t(c.hidden_size), "qkv_proj")),
-        qkv_bias(a.take<float>(c.attention_bias ? qkv_rows(c) : 0, "qkv bias")),
-        o_proj(a.take<bf16>(size_t(c.hidden_size) * q_dim(c), "o_proj")),
-        o_bias(a.take<float>(c.attention_bias ? size_t(c.hidden_size) : 0, "o_proj bias")),
-        sinks(a.take<float>(size_t(c.num_attention_heads), "sinks")),
-        router(a.take<bf16>(size_t(c.num_local_experts) * size_t(c.hidden_size), "router")),
-        router_bias(a.take<float>(size_t(c.num_local_experts), "router bias")),
-        gate_up(a, mxfp4_experts, c.num_local_experts, 2 * c.intermediate_size, c.hidden_size),
-        down(a, mxfp4_experts, c.num_local_experts, c.hidden_size, c.intermediate_size),
-        sliding_window(c.layer_types[size_t(l)] == AttentionType::Sliding ? c.sliding_window : 0) {}
-
-  static size_t q_dim(const GptOssConfig& c) { return size_t(c.num_attention_heads) * size_t(c.head_dim); }
-  static size_t qkv_rows(const GptOssConfig& c) {
-    return size_t(c.num_attention_heads + 2 * c.num_key_value_heads) * size_t(c.head_dim);
-  }
-};
-
 // The activations of one step and the step's input/output arrays, sized for a StepCapacity.
 // T = max_tokens, S = max_sequences, k = experts_per_token.
 struct Workspace {
@@ -246,15 +167,8 @@ void check_supported(const GptOssConfig& c) {
 }  // namespace
 
 struct CudaModel::Impl {
-  GptOssConfig config;
-  // Weights.
-  size_t weight_bytes = 0;
-  DeviceBuffer<bf16> embed_tokens;  // [vocab, hidden]
-  std::vector<DeviceLayer> layers;
-  DeviceBuffer<float> norm;         // [hidden]
-  DeviceBuffer<bf16> lm_head;       // [vocab, hidden]; empty when tied to embed_tokens
-  DeviceBuffer<float> inv_freq;     // [head_dim / 2] model/rope.h's YaRN frequencies
-  float attention_scaling = 1.0f;
+  const GptOssConfig config;
+  DeviceWeights weights;
 
   // allocate()'s KV cache, workspace and step arrays.
   StepCapacity capacity;
@@ -269,20 +183,20 @@ struct CudaModel::Impl {
 
   // Allocates every weight buffer of config's shape, contents unset.
   Impl(const GptOssConfig& c, const std::vector<bool>& mxfp4_layers) : config(c) {
+    DeviceWeights& w = weights;
+    w.config = c;
     Allocator a;
-    embed_tokens = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "embed_tokens");
-    layers.reserve(size_t(c.num_hidden_layers));
-    for (int l = 0; l < c.num_hidden_layers; ++l) layers.emplace_back(a, c, l, mxfp4_layers[size_t(l)]);
-    norm = a.take<float>(size_t(c.hidden_size), "final norm");
-    if (!c.tie_word_embeddings) lm_head = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "lm_head");
+    w.embed_tokens = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "embed_tokens");
+    w.layers.reserve(size_t(c.num_hidden_layers));
+    for (int l = 0; l < c.num_hidden_layers; ++l) w.layers.emplace_back(a, c, l, mxfp4_layers[size_t(l)]);
+    w.norm = a.take<float>(size_t(c.hidden_size), "final norm");
+    if (!c.tie_word_embeddings) w.lm_head = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "lm_head");
     const RopeFrequencies rope = rope_frequencies(c.rope, c.head_dim);
-    inv_freq = a.take<float>(rope.inv_freq.size(), "rope frequencies");
-    upload(inv_freq, rope.inv_freq);
-    attention_scaling = rope.attention_scaling;
-    weight_bytes = a.bytes();
+    w.inv_freq = a.take<float>(rope.inv_freq.size(), "rope frequencies");
+    upload(w.inv_freq, rope.inv_freq);
+    w.attention_scaling = rope.attention_scaling;
+    w.bytes = a.bytes();
   }
-
-  const bf16* lm_head_weight() const { return config.tie_word_embeddings ? embed_tokens.data() : lm_head.data(); }
 
   bf16* layer_kv(int l, int which) {
     const size_t slots = size_t(kv_pages) * size_t(page_size);
@@ -316,10 +230,10 @@ std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir) {
   check_supported(config);
 
   auto impl = std::make_unique<Impl>(config, mxfp4_layers);
-  upload_bf16(impl->embed_tokens.data(), w.embed_tokens);
+  upload_bf16(impl->weights.embed_tokens.data(), w.embed_tokens);
   for (size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& src = w.layers[l];
-    DeviceLayer& dst = impl->layers[l];
+    DeviceLayer& dst = impl->weights.layers[l];
     upload(dst.input_layernorm, src.input_layernorm);
     upload(dst.post_attention_layernorm, src.post_attention_layernorm);
     const size_t hidden = size_t(config.hidden_size);
@@ -337,8 +251,8 @@ std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir) {
     upload_experts(dst.gate_up, src.mlp.gate_up, src.mlp.gate_up_bias);
     upload_experts(dst.down, src.mlp.down, src.mlp.down_bias);
   }
-  upload(impl->norm, w.norm);
-  if (!config.tie_word_embeddings) upload_bf16(impl->lm_head.data(), w.lm_head);
+  upload(impl->weights.norm, w.norm);
+  if (!config.tie_word_embeddings) upload_bf16(impl->weights.lm_head.data(), w.lm_head);
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
 }
 
@@ -366,8 +280,8 @@ std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mx
     f32_tensor(e.bias, 0.0f, kBias);
   };
   const int q_dim = config.num_attention_heads * config.head_dim;
-  bf16_tensor(impl->embed_tokens, 1.0f);
-  for (DeviceLayer& layer : impl->layers) {
+  bf16_tensor(impl->weights.embed_tokens, 1.0f);
+  for (DeviceLayer& layer : impl->weights.layers) {
     f32_tensor(layer.input_layernorm, 1.0f, kNorm);
     f32_tensor(layer.post_attention_layernorm, 1.0f, kNorm);
     bf16_tensor(layer.qkv, fan_in(config.hidden_size));
@@ -380,19 +294,20 @@ std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mx
     experts(layer.gate_up);
     experts(layer.down);
   }
-  f32_tensor(impl->norm, 1.0f, kNorm);
-  bf16_tensor(impl->lm_head, fan_in(config.hidden_size));
+  f32_tensor(impl->weights.norm, 1.0f, kNorm);
+  bf16_tensor(impl->weights.lm_head, fan_in(config.hidden_size));
   OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
 }
 
 const GptOssConfig& CudaModel::config() const { return impl_->config; }
+const DeviceWeights& CudaModel::weights() const { return impl_->weights; }
 const StepCapacity& CudaModel::capacity() const { return impl_->capacity; }
 StepBuffers& CudaModel::step() { return impl_->step; }
 void CudaModel::set_profiler(OpProfiler* profiler) { impl_->profiler = profiler; }
 
 MemoryPlan CudaModel::memory_plan() const {
-  return MemoryPlan{impl_->weight_bytes, impl_->kv_bytes, impl_->workspace_bytes, impl_->kv_pages, impl_->page_size};
+  return MemoryPlan{impl_->weights.bytes, impl_->kv_bytes, impl_->workspace_bytes, impl_->kv_pages, impl_->page_size};
 }
 
 void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_size) {
@@ -425,7 +340,7 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
               "tokens, {} sequences: {:.2f} GiB) need {} bytes ({:.2f} GiB), but only {:.2f} GiB of {:.2f} GiB is "
               "free after {:.2f} GiB of weights", kv_pages, page_size, c.num_hidden_layers, gib(kv_bytes),
               capacity.max_tokens, capacity.max_sequences, gib(workspace_bytes), needed, gib(needed),
-              gib(free_bytes), gib(total_bytes), gib(m.weight_bytes));
+              gib(free_bytes), gib(total_bytes), gib(m.weights.bytes));
 
   m.kv_cache = DeviceBuffer<bf16>(kv_elements, "KV cache");
   Allocator allocator;
@@ -471,10 +386,10 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   const float eps = float(c.rms_norm_eps);
   ProfiledStep profile(m.profiler, stream, n_tokens, n_sequences);
 
-  cuda::embedding_forward(ws.residual.data(), m.embed_tokens.data(), step.tokens, n_tokens, hidden, stream);
+  cuda::embedding_forward(ws.residual.data(), m.weights.embed_tokens.data(), step.tokens, n_tokens, hidden, stream);
   profile.mark(Op::Embedding);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
-    const DeviceLayer& w = m.layers[size_t(l)];
+    const DeviceLayer& w = m.weights.layers[size_t(l)];
     // residual += o_proj(attention(rope(qkv(rmsnorm(residual)))))
     cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.input_layernorm.data(), nullptr, n_tokens, hidden,
                           eps, stream);
@@ -485,7 +400,7 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
     bf16* k_cache = m.layer_kv(l, 0);
     bf16* v_cache = m.layer_kv(l, 1);
     cuda::rope_qkv_forward(ws.q.data(), k_cache, v_cache, ws.qkv.data(), step.positions, step.kv_slots,
-                           m.inv_freq.data(), m.attention_scaling, n_tokens, heads, kv_heads, head_dim, stream);
+                           m.weights.inv_freq.data(), m.weights.attention_scaling, n_tokens, heads, kv_heads, head_dim, stream);
     profile.mark(Op::RopeKv);
     const cuda::PagedKv kv{k_cache, v_cache, step.block_tables, cap.max_pages_per_seq, m.page_size};
     cuda::paged_attention_forward(ws.attention.data(), ws.q.data(), kv, w.sinks.data(), step.positions, step.tiles,
@@ -529,10 +444,10 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   }
   if (n_sequences == 0) return;
   // Only the rows whose next-token logits are wanted go through the final norm and lm_head.
-  cuda::rmsnorm_forward(ws.final_normed.data(), ws.residual.data(), m.norm.data(), step.logit_rows, n_sequences,
+  cuda::rmsnorm_forward(ws.final_normed.data(), ws.residual.data(), m.weights.norm.data(), step.logit_rows, n_sequences,
                         hidden, eps, stream);
   profile.mark(Op::FinalNorm);
-  cuda::linear_forward(blas, step.logits, ws.final_normed.data(), m.lm_head_weight(), nullptr, n_sequences, hidden,
+  cuda::linear_forward(blas, step.logits, ws.final_normed.data(), m.weights.lm_head_weight(), nullptr, n_sequences, hidden,
                        c.vocab_size, false);
   profile.mark(Op::LmHead);
   if (sample) {

@@ -8,11 +8,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 
 #include <cuda_runtime.h>
 
 #include "cuda/attention.h"
+#include "cuda/lora.h"
+#include "engine/cuda_weights.h"
 #include "engine/op_profiler.h"
 #include "engine/sampling.h"
 #include "model/config.h"
@@ -68,6 +71,8 @@ class CudaModel {
   CudaModel& operator=(const CudaModel&) = delete;
 
   const GptOssConfig& config() const;
+  // The weights, for the trainer (train/cuda_policy.h), which shares this one copy.
+  const DeviceWeights& weights() const;
 
   // Allocates the KV cache (kv_pages pages of page_size positions, every layer) and the
   // workspace and step buffers for steps up to `capacity`; replaces any earlier allocation.
@@ -82,6 +87,13 @@ class CudaModel {
   // when `sample`, sampling into step().sampled / logprobs. Reads only step()'s arrays and
   // these counts, so the same call can be captured in a graph.
   void forward(int n_tokens, int n_tiles, int n_sequences, bool sample, cudaStream_t stream);
+
+  // The policy's LoRA adapters (and trained sinks) for every forward from now on, so rollouts
+  // sample from base + LoRA: one entry per layer, device views (cuda/lora.h) into memory the
+  // caller owns and keeps alive; empty: the base model alone. The addresses are captured by
+  // CUDA graphs, so new values (an optimizer step) need no call; set adapters before an
+  // engine captures its graphs.
+  void set_adapters(std::span<const cuda::DeviceLayerAdapters> layers);
 
   // Times the ops of the eager forward steps `profiler` selects (engine/op_profiler.h);
   // null (the default) records nothing. The profiler must outlive its use here.

@@ -1,0 +1,73 @@
+// The MoE block of a decoder layer for training on the GPU: forward keeping what backward
+// needs, and backward through the frozen experts (MXFP4 or bf16) and through the router's
+// softmax over the chosen k, with LoRA per expert on gate_up_proj and down_proj. The math is
+// model/cpu/moe.h's (the oracle); the rollout engine's forward is cuda/moe.h.
+//
+// Training shapes are large (hundreds of rows per expert), so the work is GEMM bound: the
+// routing is copied to the host once per call and every expert matmul, forward and backward,
+// base and LoRA, runs as a grouped GEMM over the experts' row ranges.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "cuda/buffer.h"
+#include "cuda/linear.h"
+#include "cuda/lora.h"
+#include "cuda/moe.h"
+
+namespace ossrl::cuda {
+
+struct MoeTrainDims {
+  int hidden = 0;
+  int intermediate = 0;  // per expert
+  int experts = 0;
+  int k = 0;             // experts per token
+  float swiglu_limit = 7.0f;
+  int lora_r = 0;        // rank of the expert adapters (0: none); sizes their activations
+};
+
+// One layer's frozen MoE weights.
+struct MoeTrainWeights {
+  const __nv_bfloat16* router_weight = nullptr;  // [experts, hidden]
+  const float* router_bias = nullptr;            // [experts]
+  ExpertWeights gate_up;                         // [experts, 2*intermediate, hidden], gate even rows
+  ExpertWeights down;                            // [experts, hidden, intermediate]
+};
+
+// Holds one call's activations (one layer, up to max_tokens tokens) and the scratch of the
+// expert matmuls; the policy runs forward then backward per layer (recomputing), so one
+// instance serves every layer.
+class MoeTrainBlock {
+ public:
+  MoeTrainBlock(const MoeTrainDims& dims, int max_tokens);
+  // Bytes the constructor allocates, for the memory plan.
+  static size_t bytes(const MoeTrainDims& dims, int max_tokens);
+
+  // residual [n, hidden] fp32 += Σ_s weight_s · expert_s(xn[t]) over each token's top-k,
+  // xn [n, hidden] bf16 (post_attention_layernorm's output). gate_up / down: the layer's
+  // expert adapters (null or inactive: none). Keeps the activations backward needs,
+  // replacing the last call's. n <= max_tokens.
+  void forward(Blas& blas, float* residual, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
+               const DeviceAdapter* gate_up, const DeviceAdapter* down);
+
+  // Backward of the last forward (same xn, n, weights and adapters): dxn [n, hidden] fp32 is
+  // overwritten with dL/dxn given dout [n, hidden] fp32 = dL/d(block output), through the
+  // experts and their adapters and through the k softmax weights into the router logits
+  // (the choice of experts is not differentiated). Accumulates (+=) the adapters' grads.
+  void backward(Blas& blas, float* dxn, const float* dout, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
+                const DeviceAdapter* gate_up, const DeviceAdapter* down);
+
+ private:
+  struct Impl;
+  Impl* impl_;  // owned; the .cpp defines it
+ public:
+  ~MoeTrainBlock();
+  MoeTrainBlock(const MoeTrainBlock&) = delete;
+  MoeTrainBlock& operator=(const MoeTrainBlock&) = delete;
+};
+
+}  // namespace ossrl::cuda

@@ -22,13 +22,15 @@ struct DeviceAdapter {
   int in = 0;
   int out = 0;
   float scale = 0.0f;  // lora_alpha / r (or / sqrt(r) with rsLoRA)
+  // fp32 masters: the optimizer's; null when the optimizer state lives on the host (the
+  // GEMMs read only the bf16 copies a16 / b16, never these).
   float* a = nullptr;              // [experts, r, in] fp32 master
   float* b = nullptr;              // [experts, out, r] fp32 master
   float* grad_a = nullptr;         // [experts, r, in] fp32, accumulated (+=)
   float* grad_b = nullptr;         // [experts, out, r] fp32, accumulated (+=)
   __nv_bfloat16* a16 = nullptr;    // [experts, r, in] bf16 copy of a
   __nv_bfloat16* b16 = nullptr;    // [experts, out, r] bf16 copy of b
-  bool active() const { return a != nullptr; }
+  bool active() const { return a16 != nullptr; }
 };
 
 // Everything trainable in one decoder layer on the GPU (inactive adapters: a == null).

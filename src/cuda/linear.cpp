@@ -60,4 +60,16 @@ void linear_forward(Blas& blas, float* y, const __nv_bfloat16* x, const __nv_bfl
   if (bias != nullptr) add_row_bias(y, bias, n, out, blas.stream());
 }
 
+void linear_backward_input(Blas& blas, float* dx, const __nv_bfloat16* dy, const __nv_bfloat16* w, int n, int in,
+                           int out, bool accumulate) {
+  if (n == 0) return;
+  const float alpha = 1.0f;
+  const float beta = accumulate ? 1.0f : 0.0f;
+  // Column-major view: dxᵀ [in, n] = W stored as Wᵀ (column-major [in, out]) · dyᵀ [out, n].
+  check_cublas(cublasGemmEx(as_handle(blas.handle()), CUBLAS_OP_N, CUBLAS_OP_N, in, n, out, &alpha, w,
+                            CUDA_R_16BF, in, dy, CUDA_R_16BF, out, &beta, dx, CUDA_R_32F, in, CUBLAS_COMPUTE_32F,
+                            CUBLAS_GEMM_DEFAULT),
+               "cublasGemmEx (linear_backward_input)");
+}
+
 }  // namespace ossrl::cuda

@@ -36,4 +36,9 @@ enum class LinearKernel { automatic, cublas, skinny };
 void linear_forward(Blas& blas, float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias,
                     int n, int in, int out, bool accumulate, LinearKernel kernel = LinearKernel::automatic);
 
+// The input gradient of linear_forward for training: dx [n, in] fp32 = (accumulate ? dx : 0)
+// + dy [n, out] bf16 · W [out, in] bf16, fp32 accumulation, through cuBLAS.
+void linear_backward_input(Blas& blas, float* dx, const __nv_bfloat16* dy, const __nv_bfloat16* w, int n, int in,
+                           int out, bool accumulate);
+
 }  // namespace ossrl::cuda

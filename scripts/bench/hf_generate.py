@@ -20,35 +20,8 @@ import json
 import time
 
 import torch
-import transformers
-from transformers import GptOssConfig, GptOssForCausalLM
 
-SHAPES = {
-    # The released configs' shapes (config.json of openai/gpt-oss-20b and -120b).
-    "20b": dict(num_hidden_layers=24, num_local_experts=32),
-    "120b": dict(num_hidden_layers=36, num_local_experts=128),
-}
-
-
-def build_model(name: str, attn: str, experts: str | None) -> GptOssForCausalLM:
-    layers = SHAPES[name]["num_hidden_layers"]
-    config = GptOssConfig(
-        vocab_size=201088, hidden_size=2880, intermediate_size=2880, head_dim=64,
-        num_attention_heads=64, num_key_value_heads=8, sliding_window=128,
-        num_experts_per_tok=4, max_position_embeddings=131072, rms_norm_eps=1e-5,
-        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
-        **SHAPES[name])
-    config._attn_implementation = attn
-    if experts:
-        # transformers 5's expert loop: "batched_mm" (its default for generation: gathers one
-        # weight copy per (token, expert), 15.8 GiB at batch 256), "grouped_mm" or "eager".
-        config._experts_implementation = experts
-    # Built in bf16 straight on the GPU: an fp32 copy of 20b alone would take 84 GB.
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = GptOssForCausalLM(config)
-    torch.set_default_dtype(torch.float32)
-    return model.eval()
+from hf_common import SHAPES, build_model, describe
 
 
 def main() -> None:
@@ -64,12 +37,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     start = time.perf_counter()
-    model = build_model(args.model, args.attn, args.experts_impl)
-    build_s = time.perf_counter() - start
-    weights_gb = sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
-    print(f"transformers {transformers.__version__}, torch {torch.__version__}, {torch.cuda.get_device_name()}")
-    print(f"gpt-oss-{args.model} shape, random bf16 weights {weights_gb:.1f} GB, attn={args.attn}, "
-          f"experts={getattr(model.config, '_experts_implementation', None)}, built in {build_s:.0f} s")
+    model = build_model(args.model, args.attn, args.experts_impl).eval()
+    print(describe(model, args.model, time.perf_counter() - start))
     print(f"{'batch':>6} {'prompt':>7} {'new':>5} {'tokens/s':>10} {'ms/token':>9} {'wall s':>8} {'peak GB':>8}")
 
     rows = []

@@ -74,11 +74,21 @@ void add_device_options(CLI::App* command, DeviceArgs& args, const std::string& 
   command->add_flag("!--no-cuda-graphs", args.cuda_graphs, "cuda: run decode steps eagerly, not as CUDA graphs");
 }
 
+std::string resolve_device(const std::string& asked) {
+  const std::string device = asked.empty() ? (gpu_present() ? "cuda" : "cpu") : asked;
+  OSSRL_CHECK(device == "cpu" || device == "cuda", "--device {}: expected cpu or cuda", device);
+#if OSSRL_HAVE_CUDA
+  OSSRL_CHECK(device == "cpu" || gpu_present(), "--device cuda: no GPU on this machine");
+#else
+  OSSRL_CHECK(device == "cpu", "--device cuda: this ossrl was built without CUDA");
+#endif
+  return device;
+}
+
 std::unique_ptr<DeviceModel> DeviceModel::load(const std::string& dir, const DeviceArgs& args) {
-  const std::string device = args.device.empty() ? (gpu_present() ? "cuda" : "cpu") : args.device;
+  const std::string device = resolve_device(args.device);
   if (device == "cpu") return std::make_unique<CpuDeviceModel>(dir);
 #if OSSRL_HAVE_CUDA
-  OSSRL_CHECK(gpu_present(), "--device cuda: no GPU on this machine");
   EngineOptions options;
   options.max_batch = args.max_batch;
   options.kv_cache_gb = args.kv_cache_gb;
@@ -93,7 +103,7 @@ std::unique_ptr<DeviceModel> DeviceModel::load(const std::string& dir, const Dev
   fmt::print(stderr, "{}: {}\n", cuda::device_summary(0), describe(model->memory_plan()));
   return model;
 #else
-  fail("--device cuda: this ossrl was built without CUDA");
+  fail("--device cuda: this ossrl was built without CUDA");  // unreachable: resolve_device refused
 #endif
 }
 

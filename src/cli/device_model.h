@@ -23,6 +23,10 @@ struct DeviceArgs {
   bool cuda_graphs = true;
 };
 
+// "cpu" or "cuda" for a --device value: empty picks cuda when a GPU is present; cuda on a
+// build or machine without one is an Error.
+std::string resolve_device(const std::string& asked);
+
 // --device, --kv-cache-gb, --max-batch (described by max_batch_help), --no-cuda-graphs.
 void add_device_options(CLI::App* command, DeviceArgs& args, const std::string& max_batch_help);
 

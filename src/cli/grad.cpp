@@ -43,7 +43,7 @@ void run(GradArgs& args) {
   Lora lora = load_peft_adapter(model.config(), model.weights(), args.adapter_dir);
   const CompletionBatch batch = read_completion_batch(args.batch, model.config().vocab_size);
   Policy policy(model, &lora);
-  const BatchGrad result = batch_grad(policy, lora, batch, spec);
+  const BatchGrad result = batch_grad(policy, batch, spec);
   write_batch_grad(args.output, lora, result);
 
   const std::vector<PeftTensor> grads = peft_tensors(lora, LoraField::Grad);

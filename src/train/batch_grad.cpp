@@ -94,11 +94,11 @@ CompletionBatch read_completion_batch(const std::string& path, int vocab_size) {
   return batch;
 }
 
-BatchGrad batch_grad(Policy& policy, Lora& lora, const CompletionBatch& batch, const LossSpec& spec) {
+BatchGrad batch_grad(TrainablePolicy& policy, const CompletionBatch& batch, const LossSpec& spec) {
   const Layout l = layout(batch);
   const std::vector<uint8_t> mask = concat(batch, &CompletionSequence::completion_mask);
   BatchGrad result;
-  lora.zero_grad();
+  policy.zero_grad();
 
   const bool grpo = spec.kind == LossKind::Grpo;
   if (grpo && spec.grpo.beta != 0.0) {
@@ -106,12 +106,12 @@ BatchGrad batch_grad(Policy& policy, Lora& lora, const CompletionBatch& batch, c
     if (result.ref_log_probs.empty()) {
       // The reference is the base model: the same weights with every adapter (and trained
       // sinks/router copy) switched off.
-      const bool was_enabled = lora.adapters_enabled();
-      lora.set_adapters_enabled(false);
+      const bool was_enabled = policy.adapters_enabled();
+      policy.set_adapters_enabled(false);
       PolicyForward ref_options;
       ref_options.keep_activations = false;
       result.ref_log_probs = gather(policy.forward(l.tokens, l.offsets, ref_options).log_probs, l);
-      lora.set_adapters_enabled(was_enabled);
+      policy.set_adapters_enabled(was_enabled);
     }
   }
 

@@ -56,12 +56,12 @@ struct BatchGrad {
   GrpoLossMetrics metrics;           // GRPO only
 };
 
-// Zeroes the Lora's grads, runs the reference forward (GRPO, beta != 0, no ref_log_probs in
+// Zeroes the policy's grads, runs the reference forward (GRPO, beta != 0, no ref_log_probs in
 // the batch: adapters disabled, no activations kept), the policy forward, the loss, and the
-// backward, so the Lora's grads hold dLoss/d(each parameter). `policy` must wrap `lora`.
+// backward, so the policy's adapters' grads hold dLoss/d(each parameter).
 // SFT: -sum(mask * logp) / sum(mask). GRPO: grpo_loss with advantages, old and ref log-probs
 // from the batch; dapo's token count is this batch's.
-BatchGrad batch_grad(Policy& policy, Lora& lora, const CompletionBatch& batch, const LossSpec& spec);
+BatchGrad batch_grad(TrainablePolicy& policy, const CompletionBatch& batch, const LossSpec& spec);
 
 // `ossrl grad`'s output, one safetensors file: every gradient under its PEFT tensor name
 // (peft_adapter.h; sinks under base_model.model.model.layers.<l>.self_attn.sinks), and

@@ -303,6 +303,10 @@ CudaPolicy::CudaPolicy(const CudaModel& model, DeviceLora* lora, const CudaPolic
 
 CudaPolicy::~CudaPolicy() = default;
 
+void CudaPolicy::zero_grad() {
+  if (impl_->lora != nullptr) impl_->lora->zero_grad(nullptr);
+}
+
 size_t CudaPolicy::bytes(const GptOssConfig& config, int lora_r, const CudaPolicyOptions& options) {
   Allocator counter(/*count_only=*/true);
   [[maybe_unused]] const PolicyBuffers counted(counter, config, lora_r, options);

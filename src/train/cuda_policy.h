@@ -27,7 +27,7 @@ struct CudaPolicyOptions {
   size_t lm_head_workspace = size_t(256) << 20;  // bytes of logits block (cuda/logprobs.h)
 };
 
-class CudaPolicy {
+class CudaPolicy final : public TrainablePolicy {
  public:
   // model and lora must outlive the policy; lora may be null (the base model alone).
   CudaPolicy(const CudaModel& model, DeviceLora* lora, const CudaPolicyOptions& options = {});
@@ -40,15 +40,17 @@ class CudaPolicy {
   size_t bytes() const;
 
   // Off: the base checkpoint alone (the reference policy of the KL term), no second copy.
-  void set_adapters_enabled(bool on) { adapters_enabled_ = on; }
-  bool adapters_enabled() const { return adapters_enabled_; }
+  void set_adapters_enabled(bool on) override { adapters_enabled_ = on; }
+  bool adapters_enabled() const override { return adapters_enabled_; }
+  // The DeviceLora's grads.
+  void zero_grad() override;
 
   // As Policy::forward (tokens.size() <= max_tokens). LoRA dropout is not supported on the
   // GPU (DeviceLora rejects it), so options.apply_dropout is ignored.
   PolicyOutput forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                       const PolicyForward& options = {});
+                       const PolicyForward& options = {}) override;
   // As Policy::backward: accumulates (+=) into the DeviceLora's grads.
-  void backward(std::span<const float> dlogp);
+  void backward(std::span<const float> dlogp) override;
 
  private:
   struct Impl;

@@ -20,6 +20,14 @@ std::vector<const LayerAdapters*> layer_adapters(const Lora* lora, int layers) {
 Policy::Policy(const CpuModel& base, Lora* lora, PolicyOptions options)
     : base_(base), lora_(lora), options_(options) {}
 
+void Policy::zero_grad() {
+  if (lora_) lora_->zero_grad();
+}
+void Policy::set_adapters_enabled(bool on) {
+  if (lora_) lora_->set_adapters_enabled(on);
+}
+bool Policy::adapters_enabled() const { return lora_ && lora_->adapters_enabled(); }
+
 PolicyOutput Policy::forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
                              const PolicyForward& options) {
   const ModelRef m = base_.ref();

@@ -49,7 +49,23 @@ struct PolicyOutput {
   std::vector<float> entropy;
 };
 
-class Policy {
+// What a trainer needs of a policy, on the CPU (Policy, below) or the GPU
+// (train/cuda_policy.h): log-probs and their gradient with respect to the adapters.
+class TrainablePolicy {
+ public:
+  virtual ~TrainablePolicy() = default;
+  // A ragged batch of whole sequences (see Policy::forward).
+  virtual PolicyOutput forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
+                               const PolicyForward& options = {}) = 0;
+  // dlogp [tokens] of the last forward that kept activations; grads accumulate (+=).
+  virtual void backward(std::span<const float> dlogp) = 0;
+  virtual void zero_grad() = 0;
+  // Off: the base checkpoint alone (the reference policy), no second copy of anything.
+  virtual void set_adapters_enabled(bool on) = 0;
+  virtual bool adapters_enabled() const = 0;
+};
+
+class Policy final : public TrainablePolicy {
  public:
   // base and lora must outlive the policy; lora may be null (the base model alone, nothing
   // to train) and must have been built for base's checkpoint.
@@ -61,14 +77,19 @@ class Policy {
   // without it, e.g. the reference policy's with adapters off, leaves them in place).
   // Uses the Lora's adapters_enabled state and sets its dropout; not thread-safe.
   PolicyOutput forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
-                       const PolicyForward& options = {});
+                       const PolicyForward& options = {}) override;
 
   // dlogp [tokens] = dLoss/dlog_probs of the last forward (kept activations); entries at
   // sequence starts are ignored. Accumulates (+=) into the grad of every Parameter of the
   // Lora; call Lora::zero_grad between steps. Differentiates the kept forward with the
   // adapters and dropout masks it used (adapters must not have been switched off since).
   // Frees the activations.
-  void backward(std::span<const float> dlogp);
+  void backward(std::span<const float> dlogp) override;
+
+  // The Lora's grads and adapters_enabled state (no-ops without a Lora).
+  void zero_grad() override;
+  void set_adapters_enabled(bool on) override;
+  bool adapters_enabled() const override;
 
  private:
   const CpuModel& base_;

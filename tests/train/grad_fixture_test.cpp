@@ -106,7 +106,7 @@ TEST_P(GradFixture, LossLogProbsAndGradientsMatchPyTorch) {
   ASSERT_FALSE(s.info.at("runs").empty());
   for (const auto& [run, info] : s.info.at("runs").items()) {
     SCOPED_TRACE(run);
-    const BatchGrad result = batch_grad(s.policy, s.lora, s.batch, loss_spec(info.at("settings")));
+    const BatchGrad result = batch_grad(s.policy, s.batch, loss_spec(info.at("settings")));
     const fs::path written = fs::path(OSSRL_GENERATED_DIR) / "grad_fixture_test" / (GetParam() + "_" + run + ".safetensors");
     fs::create_directories(written.parent_path());
     write_batch_grad(written.string(), s.lora, result);
@@ -146,7 +146,7 @@ TEST_P(GradFixture, LossLogProbsAndGradientsMatchPyTorch) {
 TEST(GradFixtureStep, OneAdamWStepMatchesPyTorch) {
   FixtureRun s("tiny-bf16");
   const nlohmann::json& step = s.info.at("step");
-  const BatchGrad result = batch_grad(s.policy, s.lora, s.batch, loss_spec(step.at("settings")));
+  const BatchGrad result = batch_grad(s.policy, s.batch, loss_spec(step.at("settings")));
   EXPECT_NEAR(result.loss, step.at("loss").get<double>(), kLogProbTol);
 
   AdamWConfig config;

@@ -25,6 +25,13 @@
 // (gate rows 0,2,..,14 to tile rows 0..7, up rows to 8..15), so each thread holds the gate
 // and the up value of the same unit and slot and applies the clamped SwiGLU in registers,
 // writing bf16 h in slot order. down adds the bias and scatters fp32 rows to y by assignment.
+//
+// LoRA. An expert adapter extends the reduction: after the last K tile, r more k steps (padded
+// to 16) multiply B_e's rows (the same weight rows, permuted as above) by the slots' u =
+// scale · act · A_eᵀ (written in slot order by expert_lora_u_kernel), so the update lands in
+// the accumulators before the epilogue. Its fragments come straight from global memory: r is
+// small, and B_e's rows for a CTA are read once. The extension is a template flag, so the
+// kernels without an adapter (the rollout hot path) compile exactly as before.
 #include "cuda/moe.h"
 
 #include <algorithm>
@@ -184,6 +191,15 @@ struct MatmulArgs {
   float swiglu_limit;
 };
 
+// An expert adapter's update as the matmul reads it: B [experts, out, r] bf16 and u [n*k, r]
+// bf16 in slot order. A kernel parameter of its own: growing MatmulArgs changes the register
+// allocation of every kernel, LoRA or not.
+struct LoraArgs {
+  const __nv_bfloat16* b = nullptr;
+  const __nv_bfloat16* u = nullptr;
+  int r = 0;
+};
+
 struct SlotTile {
   int expert = 0;
   int begin = 0;  // first slot (index into sorted_assignments)
@@ -234,6 +250,15 @@ __device__ SlotTile locate_tile(const int32_t* offsets, int experts, int index, 
   return tile;
 }
 
+// Elements k and k + 1 of a bf16 row as an MMA pair (k in the low half), 0 past r or for a
+// null row (a feature or slot past the tile's end).
+__device__ __forceinline__ uint32_t lora_pair(const __nv_bfloat16* row, int k, int r) {
+  if (row == nullptr) return 0;
+  const uint32_t lo = k < r ? __bfloat16_as_ushort(row[k]) : 0u;
+  const uint32_t hi = k + 1 < r ? __bfloat16_as_ushort(row[k + 1]) : 0u;
+  return lo | hi << 16;
+}
+
 // Tile row -> weight row (relative to the CTA's first feature). gate_up: within each
 // 16-row MMA tile, rows 0..7 hold the gates 0,2,..,14 and rows 8..15 the ups 1,3,..,15.
 template <bool kGateUp>
@@ -250,8 +275,10 @@ __device__ __forceinline__ int weight_row(int r) {
 //                      h [n*k, out/2] bf16 = SwiGLU(act · Wᵀ + b), rows in slot order.
 //   down:              act = h [n*k, in], slot j reads row j; y [n*k, out] fp32, row
 //                      sorted_assignments[j] = act · Wᵀ + b.
-template <class T, bool kMxfp4, bool kGateUp>
-__global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel(const MatmulArgs args) {
+// kLora: plus the expert adapter's update (`lora`, unread without).
+template <class T, bool kMxfp4, bool kGateUp, bool kLora>
+__global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel(const MatmulArgs args,
+                                                                                      const LoraArgs lora) {
   using Layout = StageLayout<T, kMxfp4>;
   extern __shared__ __align__(128) uint8_t smem[];
   __shared__ SlotTile s_tile;
@@ -445,6 +472,33 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
     main_loop(std::false_type{});
   }
 
+  // LoRA: the reduction continues over the adapter's r (see the top of the file), in the
+  // standard m16n8k16 fragment layout (k pairs 2t, 2t+1 and 2t+8, 2t+9).
+  if constexpr (kLora) {
+    const int r = lora.r;
+    const __nv_bfloat16* b_expert = lora.b + size_t(tile.expert) * out * r;
+    for (int k0 = 0; k0 < r; k0 += 16) {
+      uint32_t a[T::kMi][4];
+#pragma unroll
+      for (int mi = 0; mi < T::kMi; ++mi) {
+        const int f0 = feature_begin + weight_row<kGateUp>(w_row0 + mi * 16);
+        const int f1 = feature_begin + weight_row<kGateUp>(w_row0 + mi * 16 + 8);
+        const __nv_bfloat16* row0 = f0 < out ? b_expert + size_t(f0) * r : nullptr;
+        const __nv_bfloat16* row1 = f1 < out ? b_expert + size_t(f1) * r : nullptr;
+        a[mi][0] = lora_pair(row0, k0 + 2 * t, r), a[mi][1] = lora_pair(row1, k0 + 2 * t, r);
+        a[mi][2] = lora_pair(row0, k0 + 2 * t + 8, r), a[mi][3] = lora_pair(row1, k0 + 2 * t + 8, r);
+      }
+#pragma unroll
+      for (int ni = 0; ni < T::kNi; ++ni) {
+        const int slot = x_row0 + ni * 8;
+        const __nv_bfloat16* u = slot < tile.rows ? lora.u + size_t(tile.begin + slot) * r : nullptr;
+        const uint32_t b0 = lora_pair(u, k0 + 2 * t, r), b1 = lora_pair(u, k0 + 2 * t + 8, r);
+#pragma unroll
+        for (int mi = 0; mi < T::kMi; ++mi) mma_bf16(acc[mi][ni], a[mi], b0, b1);
+      }
+    }
+  }
+
   // Epilogue. acc[mi][ni][i]: tile row w_row0 + 16 mi + 8 (i / 2), slot x_row0 - g + 8 ni + 2t + i % 2.
   const float* bias = w.bias ? w.bias + size_t(tile.expert) * out : nullptr;
 #pragma unroll
@@ -477,6 +531,65 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
         }
       }
     }
+  }
+}
+
+// u [slots, r] bf16 = scale · act[row(j)] · A_eᵀ for each slot j, e the expert whose range of
+// expert_offsets holds j; row(j) = sorted_assignments[j] / k when kGather (gate_up reads x by
+// token), else j (down reads h in slot order). act [rows, in], A [experts, r, in] bf16, in a
+// multiple of 8. One warp per slot: lanes take 8 consecutive values of `in` at a stride of 256,
+// kLoraRanksPerPass rows of A per pass over the slot's activation row, then a warp reduction
+// per rank.
+constexpr int kLoraRanksPerPass = 8;
+constexpr int kLoraWarps = 8;
+
+template <bool kGather>
+__global__ void __launch_bounds__(32 * kLoraWarps) expert_lora_u_kernel(
+    __nv_bfloat16* u, const __nv_bfloat16* act, const int32_t* sorted_assignments, const int32_t* expert_offsets,
+    int slots, int k, int experts, const __nv_bfloat16* a, int r, int in, float scale) {
+  const int j = blockIdx.x * kLoraWarps + int(threadIdx.x) / 32, lane = threadIdx.x & 31;
+  if (j >= slots) return;
+  // The expert e with offsets[e] <= j < offsets[e + 1] (offsets[0] = 0, offsets[experts] = slots).
+  int lo = 0, hi = experts;
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (expert_offsets[mid] <= j) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  const int row = kGather ? sorted_assignments[j] / k : j;
+  const __nv_bfloat16* x = act + size_t(row) * in;
+  const __nv_bfloat16* a_expert = a + size_t(lo) * r * in;
+  for (int q0 = 0; q0 < r; q0 += kLoraRanksPerPass) {
+    float acc[kLoraRanksPerPass] = {};
+    for (int i = 8 * lane; i < in; i += 8 * 32) {
+      const uint4 xv = *reinterpret_cast<const uint4*>(x + i);
+      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
+      float2 xf[4];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) xf[c] = __bfloat1622float2(xp[c]);
+#pragma unroll
+      for (int q = 0; q < kLoraRanksPerPass; ++q) {
+        if (q0 + q >= r) break;
+        const uint4 av = *reinterpret_cast<const uint4*>(a_expert + size_t(q0 + q) * in + i);
+        const __nv_bfloat162* ap = reinterpret_cast<const __nv_bfloat162*>(&av);
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const float2 af = __bfloat1622float2(ap[c]);
+          acc[q] = fmaf(xf[c].x, af.x, fmaf(xf[c].y, af.y, acc[q]));
+        }
+      }
+    }
+    float mine = 0.0f;  // lane q keeps rank q0 + q's sum
+#pragma unroll
+    for (int q = 0; q < kLoraRanksPerPass; ++q) {
+#pragma unroll
+      for (int d = 16; d > 0; d /= 2) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], d);
+      if (lane == q) mine = acc[q];
+    }
+    if (lane < kLoraRanksPerPass && q0 + lane < r) u[size_t(j) * r + q0 + lane] = __float2bfloat16_rn(scale * mine);
   }
 }
 
@@ -517,16 +630,37 @@ void check_weights(const ExpertWeights& w) {
     fail_shape("moe: expert weights missing (MXFP4 blocks/scales or bf16 dense)");
 }
 
-template <class T, bool kMxfp4, bool kGateUp>
-void launch(const MatmulArgs& args, int assignments, cudaStream_t stream) {
-  auto* kernel = expert_matmul_kernel<T, kMxfp4, kGateUp>;
+// For an active adapter: checks it against the experts, writes u (expert_lora_u_kernel) and
+// returns B and u for the matmul; for a null or inactive one, nothing (b null).
+template <bool kGather>
+LoraArgs prepare_lora(const MatmulArgs& args, const DeviceAdapter* lora, __nv_bfloat16* lora_u, int n_tokens,
+                      cudaStream_t stream) {
+  if (lora == nullptr || !lora->active()) return {};
+  const ExpertWeights& w = args.w;
+  if (lora->experts != w.experts || lora->in != w.in || lora->out != w.out || lora->r <= 0)
+    fail_shape("moe: an expert adapter's experts, in and out must be the experts' (and r > 0)");
+  if (lora->a16 == nullptr || lora->b16 == nullptr || lora_u == nullptr)
+    fail_shape("moe: an expert adapter needs bf16 copies of A and B and the u scratch");
+  if ((reinterpret_cast<uintptr_t>(lora->a16) & 15) != 0 || (reinterpret_cast<uintptr_t>(args.act) & 15) != 0)
+    fail_shape("moe: an expert adapter's bf16 A and the activations must be 16-byte aligned");
+  const int slots = n_tokens * args.k;
+  expert_lora_u_kernel<kGather><<<unsigned((slots + kLoraWarps - 1) / kLoraWarps), 32 * kLoraWarps, 0, stream>>>(
+      lora_u, args.act, args.sorted_assignments, args.expert_offsets, slots, args.k, w.experts, lora->a16, lora->r,
+      w.in, lora->scale);
+  OSSRL_CUDA_CHECK_LAUNCH();
+  return LoraArgs{lora->b16, lora_u, lora->r};
+}
+
+template <class T, bool kMxfp4, bool kGateUp, bool kLora>
+void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaStream_t stream) {
+  auto* kernel = expert_matmul_kernel<T, kMxfp4, kGateUp, kLora>;
   const size_t smem = StageLayout<T, kMxfp4>::bytes(args.w.in / kBlockValues);
   OSSRL_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
   // Every expert with rows adds at most one partial tile.
   const int64_t tiles = (int64_t(assignments) + T::kRowsX - 1) / T::kRowsX + std::min(args.w.experts, assignments);
   if (tiles > 65535) fail_shape("moe: too many assignments for one launch (grid.y > 65535)");
   const dim3 grid(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles));
-  kernel<<<grid, T::kThreads, smem, stream>>>(args);
+  kernel<<<grid, T::kThreads, smem, stream>>>(args, lora);
   OSSRL_CUDA_CHECK_LAUNCH();
 }
 
@@ -534,29 +668,36 @@ void launch(const MatmulArgs& args, int assignments, cudaStream_t stream) {
 // (tests/cuda/moe_bench and its tuning runs, gpt-oss-20b shapes): decode (few rows) streams
 // the weights with narrow slot tiles and many CTAs; prefill (many rows) uses 128x128 tiles.
 // bf16 weights take 4x the bytes of MXFP4 per K block, hence fewer blocks per stage.
-template <bool kMxfp4, bool kGateUp>
-void dispatch(const MatmulArgs& args, int assignments, cudaStream_t stream) {
+template <bool kMxfp4, bool kGateUp, bool kLora>
+void dispatch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaStream_t stream) {
   constexpr int kDecodeBlocks = kMxfp4 ? 8 : 2, kWideBlocks = kMxfp4 ? 4 : 2;
   const int64_t per_expert = (int64_t(assignments) + args.w.experts - 1) / args.w.experts;
   if (per_expert <= 8) {
-    launch<Tiling<4, 1, 1, 1, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp>(args, assignments, stream);
+    launch<Tiling<4, 1, 1, 1, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   } else if (per_expert <= 16) {
-    launch<Tiling<4, 1, 1, 2, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp>(args, assignments, stream);
+    launch<Tiling<4, 1, 1, 2, kDecodeBlocks, 4, 3>, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   } else if (per_expert <= 48) {
-    launch<Tiling<4, 1, 2, 6, kWideBlocks, 4, 1>, kMxfp4, kGateUp>(args, assignments, stream);
+    launch<Tiling<4, 1, 2, 6, kWideBlocks, 4, 1>, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   } else if constexpr (kGateUp) {
-    launch<Tiling<4, 2, 2, 8, kWideBlocks, 3, 1>, kMxfp4, kGateUp>(args, assignments, stream);
+    launch<Tiling<4, 2, 2, 8, kWideBlocks, 3, 1>, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   } else {
-    launch<Tiling<2, 2, 4, 8, 2, 3, 2>, kMxfp4, kGateUp>(args, assignments, stream);
+    launch<Tiling<2, 2, 4, 8, 2, 3, 2>, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   }
 }
 
 template <bool kGateUp>
-void run(const MatmulArgs& args, int assignments, cudaStream_t stream) {
-  if (args.w.mxfp4) {
-    dispatch<true, kGateUp>(args, assignments, stream);
+void run(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaStream_t stream) {
+  auto with_format = [&](auto has_lora) {
+    if (args.w.mxfp4) {
+      dispatch<true, kGateUp, decltype(has_lora)::value>(args, lora, assignments, stream);
+    } else {
+      dispatch<false, kGateUp, decltype(has_lora)::value>(args, lora, assignments, stream);
+    }
+  };
+  if (lora.b != nullptr) {
+    with_format(std::true_type{});
   } else {
-    dispatch<false, kGateUp>(args, assignments, stream);
+    with_format(std::false_type{});
   }
 }
 
@@ -564,20 +705,22 @@ void run(const MatmulArgs& args, int assignments, cudaStream_t stream) {
 
 void moe_gate_up_swiglu(__nv_bfloat16* h, const __nv_bfloat16* x, const int32_t* sorted_assignments,
                         const int32_t* expert_offsets, int n_tokens, int k, const ExpertWeights& gate_up,
-                        float swiglu_limit, cudaStream_t stream) {
+                        float swiglu_limit, cudaStream_t stream, const DeviceAdapter* lora,
+                        __nv_bfloat16* lora_u) {
   check_weights(gate_up);
   if (gate_up.out % 2 != 0) fail_shape("moe_gate_up_swiglu: out (2 * intermediate) must be even");
   if (n_tokens <= 0 || k <= 0) return;
   const MatmulArgs args{x, sorted_assignments, expert_offsets, k, gate_up, h, nullptr, swiglu_limit};
-  run<true>(args, n_tokens * k, stream);
+  run<true>(args, prepare_lora<true>(args, lora, lora_u, n_tokens, stream), n_tokens * k, stream);
 }
 
 void moe_down(float* y, const __nv_bfloat16* h, const int32_t* sorted_assignments, const int32_t* expert_offsets,
-              int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream) {
+              int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream, const DeviceAdapter* lora,
+              __nv_bfloat16* lora_u) {
   check_weights(down);
   if (n_tokens <= 0 || k <= 0) return;
   const MatmulArgs args{h, sorted_assignments, expert_offsets, k, down, nullptr, y, 0.0f};
-  run<false>(args, n_tokens * k, stream);
+  run<false>(args, prepare_lora<false>(args, lora, lora_u, n_tokens, stream), n_tokens * k, stream);
 }
 
 void moe_combine(float* residual, const float* y, const float* expert_weight, int n, int k, int hidden,

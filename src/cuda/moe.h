@@ -3,12 +3,19 @@
 // to bf16 in shared memory next to the MMA that uses it, never expanded in global memory.
 // Also serves bf16 experts. One kernel shape covers decode (a few rows per expert: the
 // weights are streamed once, bandwidth bound) and prefill (many rows: a grouped GEMM).
+//
+// Per-expert LoRA (the policy's adapters in rollouts, cuda/lora.h's layout): expert e's
+// output gains scale · (act · A_eᵀ) · B_eᵀ before its epilogue (so before the SwiGLU of
+// gate_up). The kernels first write u [n_tokens*k, r] bf16 = scale · act · A_eᵀ per slot, then
+// extend each matmul's reduction by r with B_e as the weight and u as the activation.
 #pragma once
 
 #include <cstdint>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
+
+#include "cuda/lora.h"
 
 namespace ossrl::cuda {
 
@@ -31,15 +38,21 @@ struct ExpertWeights {
 //   gate = min(g[2i], L); up = clamp(g[2i+1], -L, L)        (L = swiglu_limit)
 //   h[j, i] = (up + 1) * gate * sigmoid(1.702 * gate)
 // x [n_tokens, in] bf16; h [n_tokens*k, out/2] bf16, rows in sorted (expert) order.
+// lora (null or inactive: none): the experts' adapter, [experts, r, in] / [experts, out, r]
+// with B's rows the logical gate_up rows (gate even, up odd), g += its update; lora_u: scratch
+// [n_tokens*k, lora->r] bf16.
 void moe_gate_up_swiglu(__nv_bfloat16* h, const __nv_bfloat16* x, const int32_t* sorted_assignments,
                         const int32_t* expert_offsets, int n_tokens, int k, const ExpertWeights& gate_up,
-                        float swiglu_limit, cudaStream_t stream);
+                        float swiglu_limit, cudaStream_t stream, const DeviceAdapter* lora = nullptr,
+                        __nv_bfloat16* lora_u = nullptr);
 
 // Second expert matmul: y[a] = h[j] · D_eᵀ + d_e for every slot j of expert e, a =
 // sorted_assignments[j]. h [n_tokens*k, in] bf16 in sorted order; y [n_tokens*k, out] fp32 in
-// assignment order (row t*k + s).
+// assignment order (row t*k + s). lora, lora_u: as for moe_gate_up_swiglu, y[a] += the
+// update of h[j].
 void moe_down(float* y, const __nv_bfloat16* h, const int32_t* sorted_assignments, const int32_t* expert_offsets,
-              int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream);
+              int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream, const DeviceAdapter* lora = nullptr,
+              __nv_bfloat16* lora_u = nullptr);
 
 // residual [n, hidden] += Σ_s expert_weight[t, s] · y[t*k + s], s ascending, fp32.
 void moe_combine(float* residual, const float* y, const float* expert_weight, int n, int k, int hidden,

@@ -1,5 +1,6 @@
 #include "engine/cuda_model.h"
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <memory>
@@ -11,6 +12,7 @@
 #include "cuda/buffer.h"
 #include "cuda/embedding.h"
 #include "cuda/linear.h"
+#include "cuda/lora.h"
 #include "cuda/moe.h"
 #include "cuda/random_init.h"
 #include "cuda/rmsnorm.h"
@@ -33,7 +35,8 @@ using cuda::DeviceBuffer;
 double gib(size_t bytes) { return double(bytes) / double(size_t(1) << 30); }
 
 // The activations of one step and the step's input/output arrays, sized for a StepCapacity.
-// T = max_tokens, S = max_sequences, k = experts_per_token.
+// T = max_tokens, S = max_sequences, k = experts_per_token, r = the largest LoRA rank set
+// (0: no adapters).
 struct Workspace {
   DeviceBuffer<float> residual;             // [T, hidden] the residual stream
   DeviceBuffer<bf16> normed;                // [T, hidden] rmsnorm output, the next matmul's input
@@ -48,6 +51,7 @@ struct Workspace {
   DeviceBuffer<int32_t> route_counters;     // [cuda::kMoeRouteCounters] moe_route_fused's, zero between steps
   DeviceBuffer<bf16> swiglu;                // [T * k, intermediate] in expert order
   DeviceBuffer<float> expert_out;           // [T * k, hidden] in assignment order
+  DeviceBuffer<bf16> lora_u;                // [T * k, r] an adapter's x · Aᵀ (attention: [T, r])
   DeviceBuffer<bf16> final_normed;          // [S, hidden] the logit rows, normed
   // StepBuffers' arrays.
   DeviceBuffer<int32_t> tokens, positions, kv_slots;  // [T]
@@ -61,7 +65,7 @@ struct Workspace {
   DeviceBuffer<float> logprobs;                       // [S]
 
   Workspace() = default;
-  Workspace(Allocator& a, const GptOssConfig& c, const StepCapacity& cap) {
+  Workspace(Allocator& a, const GptOssConfig& c, const StepCapacity& cap, int lora_rank) {
     const size_t t = size_t(cap.max_tokens), s = size_t(cap.max_sequences);
     const size_t hidden = size_t(c.hidden_size), k = size_t(c.experts_per_token);
     const size_t experts = size_t(c.num_local_experts);
@@ -78,6 +82,7 @@ struct Workspace {
     route_counters = a.take<int32_t>(cuda::kMoeRouteCounters, "routing counters");
     swiglu = a.take<bf16>(t * k * size_t(c.intermediate_size), "expert SwiGLU activations");
     expert_out = a.take<float>(t * k * hidden, "expert outputs");
+    lora_u = a.take<bf16>(lora_u_count(cap, c, lora_rank), "LoRA activations");
     final_normed = a.take<bf16>(s * hidden, "final normed rows");
     tokens = a.take<int32_t>(t, "step tokens");
     positions = a.take<int32_t>(t, "step positions");
@@ -91,6 +96,10 @@ struct Workspace {
     logits = a.take<float>(s * size_t(c.vocab_size), "logits");
     sampled = a.take<int32_t>(s, "sampled tokens");
     logprobs = a.take<float>(s, "sampled log-probs");
+  }
+
+  static size_t lora_u_count(const StepCapacity& cap, const GptOssConfig& c, int lora_rank) {
+    return size_t(cap.max_tokens) * size_t(c.experts_per_token) * size_t(lora_rank);
   }
 };
 
@@ -180,6 +189,10 @@ struct CudaModel::Impl {
   // One cuBLAS handle per stream forward() has run on (a handle is bound to its stream).
   std::map<cudaStream_t, std::unique_ptr<cuda::Blas>> blas;
   OpProfiler* profiler = nullptr;
+  // set_adapters()'s views, one per layer (empty: the base model alone), and the rank the
+  // workspace's lora_u is sized for: the largest set so far.
+  std::vector<cuda::DeviceLayerAdapters> adapters;
+  int lora_rank = 0;
 
   // Allocates every weight buffer of config's shape, contents unset.
   Impl(const GptOssConfig& c, const std::vector<bool>& mxfp4_layers) : config(c) {
@@ -330,7 +343,7 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
                              size_t(c.num_key_value_heads) * size_t(c.head_dim);
   const size_t kv_bytes = kv_elements * sizeof(bf16);
   Allocator counter(/*count_only=*/true);
-  [[maybe_unused]] const Workspace counted(counter, c, capacity);
+  [[maybe_unused]] const Workspace counted(counter, c, capacity, m.lora_rank);
   const size_t workspace_bytes = counter.bytes();
   size_t free_bytes = 0, total_bytes = 0;
   OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
@@ -344,7 +357,7 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
 
   m.kv_cache = DeviceBuffer<bf16>(kv_elements, "KV cache");
   Allocator allocator;
-  m.ws = Workspace(allocator, c, capacity);
+  m.ws = Workspace(allocator, c, capacity, m.lora_rank);
   OSSRL_CUDA_CHECK(cudaMemset(m.ws.route_counters.data(), 0, m.ws.route_counters.bytes()));
   m.kv_bytes = kv_bytes;
   m.workspace_bytes = allocator.bytes();
@@ -366,6 +379,54 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
                        .logprobs = ws.logprobs.data()};
 }
 
+namespace {
+
+// An adapter's shape against the projection it adapts (an inactive one always fits).
+void check_adapter(const cuda::DeviceAdapter& ad, int layer, const char* name, int experts, int in, int out) {
+  if (!ad.active()) return;
+  OSSRL_CHECK(ad.experts == experts && ad.in == in && ad.out == out && ad.r > 0,
+              "CUDA model: the {} adapter of layer {} is {} x [{}, r {}, {}], the projection needs {} x [in {}, out "
+              "{}] and r > 0",
+              name, layer, ad.experts, ad.in, ad.r, ad.out, experts, in, out);
+  OSSRL_CHECK(ad.a16 != nullptr && ad.b16 != nullptr,
+              "CUDA model: the {} adapter of layer {} has no bf16 copies of A and B", name, layer);
+}
+
+}  // namespace
+
+void CudaModel::set_adapters(std::span<const cuda::DeviceLayerAdapters> layers) {
+  Impl& m = *impl_;
+  const GptOssConfig& c = m.config;
+  OSSRL_CHECK(layers.empty() || layers.size() == size_t(c.num_hidden_layers),
+              "CUDA model: adapters for {} layers, the model has {}", layers.size(), c.num_hidden_layers);
+  const int hidden = c.hidden_size, experts = c.num_local_experts;
+  const int q_dim = c.num_attention_heads * c.head_dim, kv_dim = c.num_key_value_heads * c.head_dim;
+  int rank = 0;
+  for (size_t l = 0; l < layers.size(); ++l) {
+    const cuda::DeviceLayerAdapters& a = layers[l];
+    const int layer = int(l);
+    check_adapter(a.q_proj, layer, "q_proj", 1, hidden, q_dim);
+    check_adapter(a.k_proj, layer, "k_proj", 1, hidden, kv_dim);
+    check_adapter(a.v_proj, layer, "v_proj", 1, hidden, kv_dim);
+    check_adapter(a.o_proj, layer, "o_proj", 1, q_dim, hidden);
+    check_adapter(a.gate_up_proj, layer, "gate_up_proj", experts, hidden, 2 * c.intermediate_size);
+    check_adapter(a.down_proj, layer, "down_proj", experts, c.intermediate_size, hidden);
+    for (const cuda::DeviceAdapter* ad : {&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &a.gate_up_proj, &a.down_proj}) {
+      if (ad->active()) rank = std::max(rank, ad->r);
+    }
+  }
+  // Adapters set after allocate() with a larger rank than the workspace holds: grow lora_u
+  // alone (every other buffer keeps its address).
+  if (rank > m.lora_rank && m.kv_pages > 0) {
+    const size_t old_bytes = m.ws.lora_u.bytes();
+    m.ws.lora_u = {};
+    m.ws.lora_u = DeviceBuffer<bf16>(Workspace::lora_u_count(m.capacity, c, rank), "LoRA activations");
+    m.workspace_bytes += m.ws.lora_u.bytes() - old_bytes;
+  }
+  m.lora_rank = std::max(m.lora_rank, rank);
+  m.adapters.assign(layers.begin(), layers.end());
+}
+
 void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample, cudaStream_t stream) {
   Impl& m = *impl_;
   const GptOssConfig& c = m.config;
@@ -381,8 +442,8 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   const StepBuffers& step = m.step;
   const int hidden = c.hidden_size, heads = c.num_attention_heads, kv_heads = c.num_key_value_heads;
   const int head_dim = c.head_dim, experts = c.num_local_experts, k = c.experts_per_token;
-  const int q_dim = heads * head_dim;
-  const int qkv_dim = (heads + 2 * kv_heads) * head_dim;
+  const int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+  const int qkv_dim = q_dim + 2 * kv_dim;
   const float eps = float(c.rms_norm_eps);
   ProfiledStep profile(m.profiler, stream, n_tokens, n_sequences);
 
@@ -390,12 +451,22 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   profile.mark(Op::Embedding);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& w = m.weights.layers[size_t(l)];
+    // The policy's adapters (cuda/lora.h), or null: the base model.
+    const cuda::DeviceLayerAdapters* lora = m.adapters.empty() ? nullptr : &m.adapters[size_t(l)];
+    bf16* lora_u = ws.lora_u.data();
     // residual += o_proj(attention(rope(qkv(rmsnorm(residual)))))
     cuda::rmsnorm_forward(ws.normed.data(), ws.residual.data(), w.input_layernorm.data(), nullptr, n_tokens, hidden,
                           eps, stream);
     profile.mark(Op::AttnNorm);
     cuda::linear_forward(blas, ws.qkv.data(), ws.normed.data(), w.qkv.data(), w.qkv_bias.data(), n_tokens, hidden,
                          qkv_dim, false);
+    if (lora != nullptr) {
+      // Each update into its own columns of the fused [n, q | k | v] output.
+      cuda::lora_forward(blas, ws.qkv.data(), qkv_dim, ws.normed.data(), n_tokens, lora->q_proj, lora_u);
+      cuda::lora_forward(blas, ws.qkv.data() + q_dim, qkv_dim, ws.normed.data(), n_tokens, lora->k_proj, lora_u);
+      cuda::lora_forward(blas, ws.qkv.data() + q_dim + kv_dim, qkv_dim, ws.normed.data(), n_tokens, lora->v_proj,
+                         lora_u);
+    }
     profile.mark(Op::QkvProj);
     bf16* k_cache = m.layer_kv(l, 0);
     bf16* v_cache = m.layer_kv(l, 1);
@@ -403,11 +474,15 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
                            m.weights.inv_freq.data(), m.weights.attention_scaling, n_tokens, heads, kv_heads, head_dim, stream);
     profile.mark(Op::RopeKv);
     const cuda::PagedKv kv{k_cache, v_cache, step.block_tables, cap.max_pages_per_seq, m.page_size};
-    cuda::paged_attention_forward(ws.attention.data(), ws.q.data(), kv, w.sinks.data(), step.positions, step.tiles,
-                                  n_tiles, heads, kv_heads, head_dim, w.sliding_window, stream);
+    const float* sinks = lora != nullptr && lora->sinks != nullptr ? lora->sinks : w.sinks.data();
+    cuda::paged_attention_forward(ws.attention.data(), ws.q.data(), kv, sinks, step.positions, step.tiles, n_tiles,
+                                  heads, kv_heads, head_dim, w.sliding_window, stream);
     profile.mark(Op::Attention);
     cuda::linear_forward(blas, ws.residual.data(), ws.attention.data(), w.o_proj.data(), w.o_bias.data(), n_tokens,
                          q_dim, hidden, true);
+    if (lora != nullptr) {
+      cuda::lora_forward(blas, ws.residual.data(), hidden, ws.attention.data(), n_tokens, lora->o_proj, lora_u);
+    }
     profile.mark(Op::OProj);
 
     // residual += Σ_s weight_s · expert_s(rmsnorm(residual)) over the top-k experts
@@ -434,10 +509,11 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
     }
     profile.mark(Op::TopkGroup);
     cuda::moe_gate_up_swiglu(ws.swiglu.data(), ws.normed.data(), ws.sorted_assignments.data(),
-                             ws.expert_offsets.data(), n_tokens, k, w.gate_up.view(), float(c.swiglu_limit), stream);
+                             ws.expert_offsets.data(), n_tokens, k, w.gate_up.view(), float(c.swiglu_limit), stream,
+                             lora != nullptr ? &lora->gate_up_proj : nullptr, lora_u);
     profile.mark(Op::MoeGateUp);
     cuda::moe_down(ws.expert_out.data(), ws.swiglu.data(), ws.sorted_assignments.data(), ws.expert_offsets.data(),
-                   n_tokens, k, w.down.view(), stream);
+                   n_tokens, k, w.down.view(), stream, lora != nullptr ? &lora->down_proj : nullptr, lora_u);
     profile.mark(Op::MoeDown);
     cuda::moe_combine(ws.residual.data(), ws.expert_out.data(), ws.expert_weight.data(), n_tokens, k, hidden, stream);
     profile.mark(Op::MoeCombine);

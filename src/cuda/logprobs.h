@@ -20,6 +20,9 @@ class LmHeadLogprobs {
  public:
   // Sized for calls of up to max_rows rows; workspace_bytes bounds the logits block (rows x
   // vocabulary chunk, fp32 plus its bf16 gradient), so memory is fixed whatever the vocabulary.
+  // The block takes as many rows as fit beside an 8192-wide chunk (each block of rows reads all
+  // of lm_head), then the widest chunk, a multiple of 256, that fits; 1 GiB and 4096 rows give 4096 x
+  // 43520 at gpt-oss's shape, large enough GEMMs for cuBLAS to run near its peak.
   LmHeadLogprobs(int max_rows, int hidden, int vocab, size_t workspace_bytes);
   size_t bytes() const;
 
@@ -39,10 +42,13 @@ class LmHeadLogprobs {
                 const int32_t* targets, const float* lse, int n);
 
  private:
+  void check_rows(int n, const char* call) const;
+
   int max_rows_ = 0, hidden_ = 0, vocab_ = 0;
   int rows_per_block_ = 0, vocab_per_block_ = 0;
-  DeviceBuffer<float> logits_;            // [rows_per_block, vocab_per_block]
-  DeviceBuffer<__nv_bfloat16> dlogits_;   // [rows_per_block, vocab_per_block]
+  int row_stride_ = 0;                    // of the blocks: vocab_per_block rounded up to 8
+  DeviceBuffer<float> logits_;            // [rows_per_block, row_stride]
+  DeviceBuffer<__nv_bfloat16> dlogits_;   // [rows_per_block, row_stride]
   DeviceBuffer<float> partial_;           // the online log-sum-exp's running state per row
 };
 

@@ -1,0 +1,520 @@
+// The GPU training path's small ops against their CPU oracles: rmsnorm and rope backward, the
+// lm_head's chunked log-probs forward and backward (cuda/logprobs.h), AdamW with clipping and
+// the bf16 refresh (cuda/adamw.h). Odd shapes throughout; each tolerance says where it comes from.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <random>
+#include <span>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+
+#include "cuda/adamw.h"
+#include "cuda/gpu_test.h"
+#include "cuda/logprobs.h"
+#include "cuda/rmsnorm.h"
+#include "cuda/rope.h"
+#include "model/config.h"
+#include "model/cpu/linear.h"
+#include "model/cpu/lm_head.h"
+#include "model/cpu/rmsnorm.h"
+#include "model/cpu/rope.h"
+#include "model/rope.h"
+#include "train/optimizer.h"
+
+namespace ossrl {
+namespace {
+
+using cuda::DeviceBuffer;
+using test::round_bf16;
+using test::to_device_bf16;
+
+constexpr int kRowCounts[] = {1, 127, 128, 129, 1000};
+
+std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+std::vector<int32_t> uniform_ints(size_t n, int32_t below, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> dist(0, below - 1);
+  std::vector<int32_t> v(n);
+  for (int32_t& x : v) x = dist(rng);
+  return v;
+}
+
+const __nv_bfloat16* bf16(const DeviceBuffer<uint16_t>& buffer) {
+  return reinterpret_cast<const __nv_bfloat16*>(buffer.data());
+}
+
+// One failure per call, naming how many elements are off and the worst one (index, values),
+// when |got[i] - want[i]| > tolerance(i) anywhere.
+template <class Got, class Want, class Tolerance>
+void expect_close(const std::vector<Got>& got, const std::vector<Want>& want, Tolerance tolerance,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t bad = 0, worst = 0;
+  double worst_excess = -1.0, max_error = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double error = std::abs(double(got[i]) - double(want[i]));
+    max_error = std::max(max_error, error);
+    if (error <= tolerance(i)) continue;  // NaN fails here too
+    ++bad;
+    const double excess = std::isnan(error) ? std::numeric_limits<double>::infinity() : error - tolerance(i);
+    if (excess > worst_excess) worst_excess = excess, worst = i;
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements beyond tolerance; worst at ["
+                     << worst << "]: got " << got[worst] << ", want " << want[worst] << ", tolerance "
+                     << tolerance(worst) << "; max abs error " << max_error;
+}
+
+TEST(CudaTrainOps, RmsNormBackwardMatchesCpu) {
+  OSSRL_REQUIRE_GPU();
+  const float eps = 1e-5f;
+  for (int hidden : {64, 203, 2880}) {  // 203: the unvectorised path
+    std::vector<float> weight = normal_vector(size_t(hidden), 3, 0.3f);
+    for (float& w : weight) w += 1.0f;
+    DeviceBuffer<float> weight_d(weight);
+    for (int n : kRowCounts) {
+      const std::string shape = "hidden " + std::to_string(hidden) + ", n " + std::to_string(n);
+      std::vector<float> x = normal_vector(size_t(n) * hidden, 4 + n, 3.0f);
+      for (int r = 0; r < n; ++r) {  // rows of different scales
+        for (int j = 0; j < hidden; ++j) x[size_t(r) * hidden + j] *= 0.1f + float(r % 7);
+      }
+      const std::vector<float> dy = normal_vector(x.size(), 5 + n);
+      const std::vector<float> dx0 = normal_vector(x.size(), 6 + n);  // dx accumulates
+      std::vector<float> y(x.size()), rstd(static_cast<size_t>(n)), want = dx0;
+      rmsnorm_forward(y.data(), rstd.data(), x.data(), weight.data(), n, hidden, eps);
+      rmsnorm_backward(want.data(), nullptr, dy.data(), x.data(), weight.data(), rstd.data(), n, hidden);
+
+      DeviceBuffer<float> x_d(x), dy_d(dy), dx_d(dx0);
+      cuda::rmsnorm_backward(dx_d.data(), dy_d.data(), x_d.data(), weight_d.data(), n, hidden, eps, nullptr);
+
+      // Both sides compute r·(g·w - (x·r)·mean) in the same grouping; they differ in the order of
+      // two row sums (Σx² for r, Σ g·w·x·r for the mean): the CPU's sequential fp32 sums drift by
+      // ~√hidden·2^-24 ≈ 3e-6 of the sum of magnitudes, the GPU's tree far less. Bound: 3e-5 of
+      // each term's magnitude, plus the rounding of the += into dx0.
+      std::vector<double> scale(x.size());
+      for (int r = 0; r < n; ++r) {
+        const size_t row = size_t(r) * hidden;
+        const double rr = rstd[size_t(r)];
+        double mean_abs = 0.0;
+        for (int j = 0; j < hidden; ++j) {
+          mean_abs += std::abs(double(dy[row + j]) * weight[size_t(j)] * x[row + j] * rr);
+        }
+        mean_abs /= hidden;
+        for (int j = 0; j < hidden; ++j) {
+          scale[row + j] =
+              rr * (std::abs(double(dy[row + j]) * weight[size_t(j)]) + std::abs(x[row + j] * rr) * mean_abs);
+        }
+      }
+      expect_close(dx_d.download(), want,
+                   [&](size_t i) { return 3e-5 * scale[i] + 2e-7 * std::abs(want[i]) + 1e-30; }, shape);
+    }
+  }
+}
+
+TEST(CudaTrainOps, RopeBackwardMatchesCpu) {
+  OSSRL_REQUIRE_GPU();
+  struct Shape {
+    int n, heads, kv_heads, head_dim;
+  };
+  const Shape shapes[] = {{1, 64, 8, 64}, {127, 8, 2, 64}, {128, 4, 4, 64}, {129, 4, 1, 32}, {1000, 64, 8, 64}};
+  const GptOssConfig config = GptOssConfig::gpt_oss_20b();  // YaRN factor 32
+  for (const Shape& s : shapes) {
+    const std::string shape = "n " + std::to_string(s.n) + ", heads " + std::to_string(s.heads) + "/" +
+                              std::to_string(s.kv_heads) + ", head_dim " + std::to_string(s.head_dim);
+    const RopeFrequencies freqs = rope_frequencies(config.rope, s.head_dim);
+    const int half = s.head_dim / 2;
+    const int q_width = s.heads * s.head_dim, kv_width = s.kv_heads * s.head_dim;
+    const int width = q_width + 2 * kv_width;
+    const std::vector<float> dq = normal_vector(size_t(s.n) * q_width, 7 + s.n);
+    const std::vector<float> dk = normal_vector(size_t(s.n) * kv_width, 8 + s.n);
+    const std::vector<float> dv = normal_vector(size_t(s.n) * kv_width, 9 + s.n);
+    // Positions up to 1e5 and the last one the config allows: angles of 1e5 radians.
+    std::vector<int32_t> positions = uniform_ints(size_t(s.n), 100001, 10 + s.n);
+    positions[0] = 100000;
+    if (s.n > 1) positions[1] = config.max_position_embeddings - 1;
+    if (s.n > 2) positions[2] = 0;
+
+    // CPU: rope_backward on each token's q and k gradients at its own position; v copied.
+    std::vector<float> want(size_t(s.n) * width);
+    for (int t = 0; t < s.n; ++t) {
+      float* row = want.data() + int64_t(t) * width;
+      std::copy_n(dq.data() + int64_t(t) * q_width, q_width, row);
+      std::copy_n(dk.data() + int64_t(t) * kv_width, kv_width, row + q_width);
+      std::copy_n(dv.data() + int64_t(t) * kv_width, kv_width, row + q_width + kv_width);
+      rope_backward(row, 1, s.heads, s.head_dim, positions[size_t(t)], freqs);
+      rope_backward(row + q_width, 1, s.kv_heads, s.head_dim, positions[size_t(t)], freqs);
+    }
+
+    DeviceBuffer<float> dq_d(dq), dk_d(dk), dv_d(dv), inv_freq_d(freqs.inv_freq);
+    DeviceBuffer<float> dqkv_d(std::vector<float>(want.size(), std::numeric_limits<float>::quiet_NaN()));
+    DeviceBuffer<int32_t> positions_d(positions);
+    cuda::rope_qkv_backward(dqkv_d.data(), dq_d.data(), dk_d.data(), dv_d.data(), positions_d.data(),
+                            inv_freq_d.data(), freqs.attention_scaling, s.n, s.heads, s.kv_heads, s.head_dim, nullptr);
+
+    // The same products and sums in the same rounding (no fused multiply-add on either side);
+    // only CUDA's sincosf and glibc's differ, by up to 2 ulp of cos and sin (scaled by 1.35):
+    // well within 2e-6 of the pair's norm (inputs are unit-scale). v is copied exactly.
+    const std::vector<float> got = dqkv_d.download();
+    expect_close(got, want,
+                 [&](size_t i) {
+                   const size_t j = i % size_t(s.head_dim), base = i - j;
+                   if (int(base % size_t(width)) >= q_width + kv_width) return 0.0;  // v
+                   const size_t a = base + j % size_t(half);
+                   return 2e-6 * std::max(1.0, double(std::hypot(want[a], want[a + size_t(half)])));
+                 },
+                 shape);
+  }
+}
+
+// --- lm_head log-probs -------------------------------------------------------------------
+
+struct LogprobsCase {
+  int rows, vocab, hidden;
+  size_t workspace;  // bytes: picks the block (rows x vocabulary chunk), see LmHeadLogprobs
+  const char* what;
+};
+
+// Per-row values in double from the same bf16 inputs (products exact, sums in double): the
+// reference the GPU is held to tightly. The CPU oracle sums exp in fp32 in sequence, which
+// drifts by up to ~vocab·2^-24 in the log at 201088 entries, so it is checked more loosely.
+struct ExactRow {
+  double lse = 0, logp = 0, entropy = 0;
+  double magnitude = 0;  // max over v of Σ_k |h_k w_vk|: the scale of a logit's fp32 rounding
+};
+
+// The reference for one row, and its backward: with dz_v = bf16(fp32(dlogp · (1[v == t] - p_v)))
+// as the GPU rounds the logits' gradient, dh[k] = Σ_v dz_v w_vk in double (`dh`), and the same
+// with the target's dz moved to its other bf16 neighbour (`dh_other`; used only when the fp32
+// value sits within 1e-4 of a rounding tie, where the two sides' last-bit differences may
+// round it either way). `spread` [hidden] = Σ_{v≠t} |dz_v w_vk|, the scale of the non-target
+// terms.
+struct ExactRowGrad {
+  std::vector<double> dh, dh_other, spread;
+  bool target_near_tie = false;
+};
+
+ExactRow exact_row(const float* h, const std::vector<float>& w, int vocab, int hidden, int32_t target, float dlogp,
+                   ExactRowGrad* grad) {
+  std::vector<double> z(static_cast<size_t>(vocab));
+  ExactRow row;
+  for (int v = 0; v < vocab; ++v) {
+    double dot = 0, magnitude = 0;
+    const float* wv = w.data() + int64_t(v) * hidden;
+    for (int k = 0; k < hidden; ++k) {
+      dot += double(h[k]) * wv[k];
+      magnitude += std::abs(double(h[k]) * wv[k]);
+    }
+    z[size_t(v)] = dot;
+    row.magnitude = std::max(row.magnitude, magnitude);
+  }
+  const double max = *std::max_element(z.begin(), z.end());
+  double sum = 0, weighted = 0;
+  for (double zv : z) {
+    sum += std::exp(zv - max);
+    weighted += std::exp(zv - max) * zv;
+  }
+  row.lse = max + std::log(sum);
+  row.logp = z[size_t(target)] - row.lse;
+  row.entropy = row.lse - weighted / sum;
+  if (grad == nullptr) return row;
+
+  grad->dh.assign(size_t(hidden), 0.0);
+  grad->spread.assign(size_t(hidden), 0.0);
+  float target_dz = 0;
+  for (int v = 0; v < vocab; ++v) {
+    const float p = float(std::exp(z[size_t(v)] - row.lse));
+    const float dz_f = v == target ? -dlogp * p + dlogp : -dlogp * p;
+    const double dz = bf16_to_f32(f32_to_bf16(dz_f));
+    const float* wv = w.data() + int64_t(v) * hidden;
+    for (int k = 0; k < hidden; ++k) {
+      grad->dh[size_t(k)] += dz * wv[k];
+      if (v != target) grad->spread[size_t(k)] += std::abs(dz * wv[k]);
+    }
+    if (v == target) target_dz = dz_f;
+  }
+  // The other bf16 neighbour of target_dz: one bf16 ulp away, on target_dz's side of the
+  // rounded value.
+  const uint16_t rounded = f32_to_bf16(target_dz);
+  const float nearest = bf16_to_f32(rounded);
+  const bool up = (target_dz > nearest) == (nearest >= 0);  // away from zero in the bits
+  const float other = bf16_to_f32(uint16_t(up ? rounded + 1 : rounded - 1));
+  const double tie = 0.5 * (double(nearest) + other);
+  // The two sides' fp32 dz differ by ~|dlogp|·p·1e-6 (their logits and lse), plus last bits.
+  grad->target_near_tie = target_dz != 0 && std::abs(target_dz - tie) <= 1e-4 * std::abs(target_dz) +
+                                                                        1e-5 * std::abs(dlogp);
+  grad->dh_other = grad->dh;
+  const float* wt = w.data() + int64_t(target) * hidden;
+  for (int k = 0; k < hidden; ++k) grad->dh_other[size_t(k)] += (double(other) - nearest) * wt[k];
+  return row;
+}
+
+void check_logprobs(const LogprobsCase& c, uint64_t seed) {
+  const std::string what = std::string(c.what) + ": rows " + std::to_string(c.rows) + ", vocab " +
+                           std::to_string(c.vocab) + ", hidden " + std::to_string(c.hidden);
+  const int n = c.rows, vocab = c.vocab, h = c.hidden;
+  // Logits of standard deviation ~2 and a few rows where one token dominates (p ~ 1).
+  const std::vector<float> hidden = round_bf16(normal_vector(size_t(n + 1) * h, seed));
+  const std::vector<float> w = round_bf16(normal_vector(size_t(vocab) * h, seed + 1, 2.0f / std::sqrt(float(h))));
+  // tokens[t] is what row t - 1 predicts, as the CPU oracle reads a sequence; the GPU takes
+  // rows 0..n-1 with targets tokens[1..n]. Targets at both ends of the vocabulary and at the
+  // 8192 chunk edge.
+  std::vector<int32_t> tokens = uniform_ints(size_t(n + 1), vocab, seed + 2);
+  tokens[1] = vocab - 1;
+  if (n >= 2) tokens[2] = 0;
+  if (n >= 3) tokens[3] = std::min(vocab - 1, 8191);
+  if (n >= 4) tokens[4] = std::min(vocab - 1, 8192);
+  std::vector<float> dlogp_t = normal_vector(size_t(n + 1), seed + 3);
+  for (int t = 5; t <= n; t += 7) dlogp_t[size_t(t)] = 0.0f;  // rows the loss does not see
+  const std::vector<int32_t> targets(tokens.begin() + 1, tokens.end());
+  const std::vector<float> dlogp(dlogp_t.begin() + 1, dlogp_t.end());
+
+  // GPU
+  const DeviceBuffer<uint16_t> hidden_d = to_device_bf16(std::vector<float>(hidden.begin(), hidden.end() - h));
+  const DeviceBuffer<uint16_t> w_d = to_device_bf16(w);
+  DeviceBuffer<int32_t> targets_d(targets);
+  const size_t rows = static_cast<size_t>(n);
+  DeviceBuffer<float> logp_d(rows), lse_d(rows), entropy_d(rows), dlogp_d(dlogp);
+  DeviceBuffer<float> dhidden_d(std::vector<float>(size_t(n) * h, std::numeric_limits<float>::quiet_NaN()));
+  cuda::Blas blas(nullptr);
+  cuda::LmHeadLogprobs lm_head(n, h, vocab, c.workspace);
+  EXPECT_LE(lm_head.bytes(), c.workspace) << what;
+  lm_head.forward(blas, logp_d.data(), lse_d.data(), entropy_d.data(), bf16(hidden_d), bf16(w_d), targets_d.data(),
+                  n);
+  lm_head.backward(blas, dhidden_d.data(), dlogp_d.data(), bf16(hidden_d), bf16(w_d), targets_d.data(), lse_d.data(),
+                   n);
+  const std::vector<float> logp = logp_d.download(), lse = lse_d.download(), entropy = entropy_d.download();
+  const std::vector<float> dhidden = dhidden_d.download();
+
+  // The CPU oracle over the one sequence.
+  const WeightMatrix lm_head_cpu = fp32_matrix(w.data(), vocab, h);
+  const std::vector<int32_t> offsets = {0, n + 1};
+  std::vector<float> cpu_logp(size_t(n + 1)), cpu_lse(size_t(n + 1)), cpu_entropy(size_t(n + 1));
+  next_token_log_probs(cpu_logp.data(), cpu_lse.data(), cpu_entropy.data(), hidden.data(), tokens, offsets,
+                       lm_head_cpu);
+  std::vector<float> cpu_dhidden(size_t(n + 1) * h, 0.0f);
+  next_token_log_probs_backward(cpu_dhidden.data(), dlogp_t.data(), hidden.data(), tokens, offsets, cpu_lse.data(),
+                                lm_head_cpu);
+
+  // The double reference, row by row.
+  std::vector<ExactRow> exact(rows);
+  std::vector<ExactRowGrad> exact_grad(rows);
+#pragma omp parallel for schedule(dynamic)
+  for (int r = 0; r < n; ++r) {
+    exact[size_t(r)] = exact_row(hidden.data() + int64_t(r) * h, w, vocab, h, targets[size_t(r)], dlogp[size_t(r)],
+                                 &exact_grad[size_t(r)]);
+  }
+
+  // GPU vs double: each fp32 logit is a dot product over `hidden` terms whose rounding reaches
+  // ~log2(hidden)·2^-24 of Σ|h·w| at worst (cuBLAS's blocked sums), and the GPU's sums over
+  // the vocabulary add ~1e-6 in the log (exp to 2 ulp, tree-summed). 8·2^-24·magnitude + 1e-5.
+  const auto tight = [&](size_t r) { return 1e-5 + 8 * 0x1p-24 * exact[r].magnitude; };
+  std::vector<double> want_logp(rows), want_lse(rows), want_entropy(rows);
+  for (int r = 0; r < n; ++r) {
+    want_logp[size_t(r)] = exact[size_t(r)].logp;
+    want_lse[size_t(r)] = exact[size_t(r)].lse;
+    want_entropy[size_t(r)] = exact[size_t(r)].entropy;
+  }
+  expect_close(logp, want_logp, tight, what + ": logp vs double");
+  expect_close(lse, want_lse, tight, what + ": lse vs double");
+  // The entropy, log(sum) - E[z - max], adds the error of one more weighted sum.
+  expect_close(entropy, want_entropy, [&](size_t r) { return 2 * tight(r); }, what + ": entropy vs double");
+
+  // GPU vs the CPU oracle: the oracle's fp32 sequential sum over the vocabulary may drift by
+  // up to ~vocab·2^-24 (relative, hence absolute in the log) on top.
+  const double drift = double(vocab) * 0x1p-24;
+  const std::vector<float> oracle_logp(cpu_logp.begin() + 1, cpu_logp.end());
+  const std::vector<float> oracle_lse(cpu_lse.begin() + 1, cpu_lse.end());
+  const std::vector<float> oracle_entropy(cpu_entropy.begin() + 1, cpu_entropy.end());
+  expect_close(logp, oracle_logp, [&](size_t r) { return tight(r) + drift; }, what + ": logp vs CPU");
+  expect_close(lse, oracle_lse, [&](size_t r) { return tight(r) + drift; }, what + ": lse vs CPU");
+  expect_close(entropy, oracle_entropy, [&](size_t r) { return 2 * (tight(r) + drift); }, what + ": entropy vs CPU");
+
+  // dhidden vs double with the GPU's bf16 rounding of dz modelled: what remains is the rounding
+  // of the non-target dz falling the other way where the two sides' fp32 values differ in the
+  // last bits (a fraction ~1e-4 of them, each by 2^-8 of itself: far below 1e-4 of their
+  // spread), the GEMM's fp32 accumulation over the vocabulary and the lse's 1e-6 (both ~1e-6
+  // of the spread). A row whose target dz sits at a rounding tie may take either neighbour.
+  // A vocabulary chunk or a row dropped or doubled would move dh by ~sqrt(chunk)/vocab of the
+  // spread's scale, about 7e-4 for the smallest chunk here: well above the 1e-4 allowed.
+  for (int r = 0; r < n; ++r) {
+    const ExactRowGrad& e = exact_grad[size_t(r)];
+    const auto tolerance = [&](size_t k) { return 1e-4 * e.spread[k] + 1e-6 * std::abs(e.dh[k]) + 1e-9; };
+    const std::vector<float> got(dhidden.begin() + int64_t(r) * h, dhidden.begin() + int64_t(r + 1) * h);
+    bool matches = true;
+    for (int k = 0; k < h && matches; ++k) matches = std::abs(got[size_t(k)] - e.dh[size_t(k)]) <= tolerance(size_t(k));
+    bool other_matches = e.target_near_tie;
+    for (int k = 0; k < h && other_matches; ++k) {
+      other_matches = std::abs(got[size_t(k)] - e.dh_other[size_t(k)]) <= tolerance(size_t(k));
+    }
+    if (!other_matches) expect_close(got, e.dh, tolerance, what + ": dhidden vs double, row " + std::to_string(r));
+    if (::testing::Test::HasFailure()) return;  // one row's report is enough
+  }
+
+  // dhidden vs the CPU oracle, which keeps dz in fp32: the GPU's bf16 dz moves each term by up
+  // to 2^-8 of itself (the target's term is dlogp·(1 - p)·w, the rest sum to the spread), and
+  // the oracle's lse drift scales every p by up to e^drift.
+  const std::vector<float> oracle_dhidden(cpu_dhidden.begin(), cpu_dhidden.end() - h);
+  expect_close(dhidden, oracle_dhidden,
+               [&](size_t i) {
+                 const size_t r = i / size_t(h), k = i % size_t(h);
+                 const double target_term =
+                     std::abs(double(dlogp[r]) * w[size_t(targets[r]) * h + k]);  // |dz_t| <= |dlogp|
+                 return (0x1p-8 + drift) * (target_term + exact_grad[r].spread[k]) + 1e-6;
+               },
+               what + ": dhidden vs CPU");
+}
+
+TEST(CudaTrainOps, LmHeadLogprobsMatchCpu) {
+  OSSRL_REQUIRE_GPU();
+  const size_t mib = size_t(1) << 20;
+  // Workspaces that force the block shapes: LmHeadLogprobs gives a block as many rows as fit
+  // beside an 8192-wide chunk (or the whole vocabulary when it is narrower), each row costing 6
+  // bytes a logit plus 16 of state, then the widest chunk, a multiple of 256, that fits.
+  const size_t rows_of_100 = 100 * (1000 * 6 + 16);  // vocab 1000: blocks of 100 rows
+  const size_t rows_of_37 = 37 * (8192 * 6 + 16);    // chunks of 8192 x 37 rows
+  std::vector<LogprobsCase> cases;
+  for (int rows : kRowCounts) cases.push_back({rows, 1000, 64, 64 * mib, "one block"});
+  for (int rows : {129, 1000}) cases.push_back({rows, 1000, 64, rows_of_100, "blocks of 100 rows"});
+  cases.push_back({129, 50257, 64, rows_of_37, "blocks of 37 rows x 8192 (6 chunks + 1105)"});
+  cases.push_back({1000, 50257, 64, 512 * mib, "whole vocabulary, odd row stride"});
+  cases.push_back({129, 201088, 64, 64 * mib, "chunks of 86528 (2 + 28032)"});
+  cases.push_back({33, 50257, 2880, rows_of_37, "hidden 2880, 33 rows x chunks of 8960 (5 + 5457)"});
+  uint64_t seed = 100;
+  for (const LogprobsCase& c : cases) {
+    check_logprobs(c, seed += 10);
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+// --- AdamW ----------------------------------------------------------------------------------
+
+std::vector<uint32_t> bits_of(const std::vector<float>& v) {
+  std::vector<uint32_t> out(v.size());
+  std::transform(v.begin(), v.end(), out.begin(), [](float x) { return std::bit_cast<uint32_t>(x); });
+  return out;
+}
+
+TEST(CudaTrainOps, AdamWMatchesCpuBitForBit) {
+  OSSRL_REQUIRE_GPU();
+  // Three parameters, flat on the GPU in this order; sizes off every power of two.
+  const std::vector<size_t> sizes = {1000, 12345, 7};
+  const size_t total = std::accumulate(sizes.begin(), sizes.end(), size_t(0));
+  std::vector<float> values = normal_vector(total, 1, 0.05f);
+  std::vector<float> grads(total, 0.0f);
+  std::vector<ParamSpan> spans;
+  for (size_t i = 0, offset = 0; i < sizes.size(); offset += sizes[i], ++i) {
+    spans.push_back({"p" + std::to_string(i), std::span(values).subspan(offset, sizes[i]),
+                     std::span(grads).subspan(offset, sizes[i]), true});
+  }
+  const AdamWConfig config{0.9, 0.999, 1e-8, 0.01};
+  AdamW cpu(config, spans);
+
+  const std::vector<float> zeros(total, 0.0f);
+  DeviceBuffer<float> param_d(values), grad_d(total), m_d(zeros), v_d(zeros);
+  DeviceBuffer<double> norm_sq_d(1), partials_d(size_t(cuda::kSumOfSquaresPartials));
+  // Learning rates of a warm-up; max_grad_norm 1 against grads whose norm doubles from ~0.5
+  // (no clipping) to ~16 (clipped), but for one step of grads ~1e-20, whose squares are fp32
+  // subnormals (neither side flushes them).
+  const double lrs[] = {1e-4, 2e-4, 3e-4, 1e-3, 1e-3, 5e-4};
+  for (int step = 0; step < 6; ++step) {
+    const std::string what = "step " + std::to_string(step + 1);
+    const float grad_scale = step == 4 ? 1e-20f : 0.5f * float(1 << step) / std::sqrt(float(total));
+    const std::vector<float> raw = normal_vector(total, 20 + step, grad_scale);
+    std::copy(raw.begin(), raw.end(), grads.begin());
+    grad_d.upload(raw);
+
+    cuda::sum_of_squares(norm_sq_d.data(), partials_d.data(), grad_d.data(), total, nullptr);
+    const double gpu_norm = std::sqrt(norm_sq_d.download()[0]);
+    const StepReport report = cpu.step(lrs[step], 1.0, 1.0);
+    ASSERT_TRUE(report.applied()) << what;
+    // Both sum exact squares in double, in different orders: ~1e-16 relative.
+    EXPECT_NEAR(gpu_norm, report.grad_norm, 1e-13 * report.grad_norm) << what;
+    // The clip factor as clip_grad_norm forms it, from the GPU's norm.
+    const double coef = 1.0 / (gpu_norm + 1e-6);
+    const float factor = coef < 1.0 ? float(coef) : 1.0f;
+    const cuda::AdamWStep s =
+        cuda::adamw_scalars(lrs[step], config.beta1, config.beta2, config.eps, config.weight_decay, step + 1, factor);
+    cuda::adamw_step(param_d.data(), m_d.data(), v_d.data(), grad_d.data(), total, s, nullptr);
+
+    // The same fp32 operations in the same order on the same inputs: identical bits.
+    EXPECT_EQ(bits_of(param_d.download()), bits_of(values)) << what << ": params";
+    std::vector<float> m, v;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      m.insert(m.end(), cpu.exp_avg(i).begin(), cpu.exp_avg(i).end());
+      v.insert(v.end(), cpu.exp_avg_sq(i).begin(), cpu.exp_avg_sq(i).end());
+    }
+    EXPECT_EQ(bits_of(m_d.download()), bits_of(m)) << what << ": exp_avg";
+    EXPECT_EQ(bits_of(v_d.download()), bits_of(v)) << what << ": exp_avg_sq";
+    if (::testing::Test::HasFailure()) return;
+  }
+}
+
+TEST(CudaTrainOps, SumOfSquaresIsDeterministicAndSeesNonFinite) {
+  OSSRL_REQUIRE_GPU();
+  DeviceBuffer<double> out(1), partials(size_t(cuda::kSumOfSquaresPartials));
+  for (size_t n : {size_t(0), size_t(1), size_t(1000), size_t(10'000'003)}) {
+    const std::string what = "n " + std::to_string(n);
+    const std::vector<float> grad = normal_vector(n, 30 + n, 1e-3f);
+    double want = 0;
+    for (float g : grad) want += double(g) * g;
+    DeviceBuffer<float> grad_d(grad);
+    cuda::sum_of_squares(out.data(), partials.data(), grad_d.data(), n, nullptr);
+    const double first = out.download()[0];
+    cuda::sum_of_squares(out.data(), partials.data(), grad_d.data(), n, nullptr);
+    EXPECT_EQ(std::bit_cast<uint64_t>(out.download()[0]), std::bit_cast<uint64_t>(first)) << what << ": run to run";
+    // Exact squares summed in double in two orders: ~n·2^-53 relative at the very worst.
+    EXPECT_NEAR(first, want, 1e-15 * double(n) * want) << what;
+  }
+  for (float bad : {std::numeric_limits<float>::infinity(), std::numeric_limits<float>::quiet_NaN()}) {
+    std::vector<float> grad = normal_vector(5000, 40);
+    grad[4321] = bad;
+    DeviceBuffer<float> grad_d(grad);
+    cuda::sum_of_squares(out.data(), partials.data(), grad_d.data(), grad.size(), nullptr);
+    EXPECT_FALSE(std::isfinite(out.download()[0])) << "a grad of " << bad;
+  }
+}
+
+TEST(CudaTrainOps, ToBf16MatchesHostConversionExactly) {
+  OSSRL_REQUIRE_GPU();
+  std::vector<uint32_t> bits = {
+      0x00000000, 0x80000000,              // ±0
+      0x7f800000, 0xff800000,              // ±inf
+      0x7fc00000, 0xffc00001, 0x7f800001,  // quiet NaNs, a signalling NaN with a low payload
+      0x7fa00000, 0xff812345,              // signalling NaNs whose payload survives in the top bits
+      0x00000001, 0x007fffff, 0x80000001,  // subnormals: smallest, largest, negative
+      0x00008000, 0x00018000, 0x00400000,  // subnormal ties (to even: down, up) and an exact one
+      0x3f808000, 0x3f818000, 0x3f808001,  // normal ties (to even: down, up), just above a tie
+      0x7f7fffff, 0x7f7f8000, 0xff7fffff,  // the largest floats round to ±inf; a tie to inf
+  };
+  std::mt19937_64 rng(50);
+  for (int i = 0; i < 1'000'003; ++i) bits.push_back(uint32_t(rng()));  // every class of value
+  std::vector<float> values(bits.size());
+  std::transform(bits.begin(), bits.end(), values.begin(), [](uint32_t b) { return std::bit_cast<float>(b); });
+  std::vector<uint16_t> want(values.size());
+  std::transform(values.begin(), values.end(), want.begin(), [](float x) { return f32_to_bf16(x); });
+
+  DeviceBuffer<float> src(values);
+  DeviceBuffer<uint16_t> dst(values.size());
+  cuda::to_bf16(reinterpret_cast<__nv_bfloat16*>(dst.data()), src.data(), values.size(), nullptr);
+  const std::vector<uint16_t> got = dst.download();
+  for (size_t i = 0; i < got.size(); ++i) {
+    ASSERT_EQ(got[i], want[i]) << "fp32 bits 0x" << std::hex << bits[i] << " at [" << std::dec << i << "]";
+  }
+}
+
+}  // namespace
+}  // namespace ossrl

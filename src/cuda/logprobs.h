@@ -25,6 +25,9 @@ class LmHeadLogprobs {
   // 43520 at gpt-oss's shape, large enough GEMMs for cuBLAS to run near its peak.
   LmHeadLogprobs(int max_rows, int hidden, int vocab, size_t workspace_bytes);
   size_t bytes() const;
+  // The block: rows per GEMM, and the vocabulary chunk (the whole vocabulary when it fits).
+  int rows_per_block() const { return rows_per_block_; }
+  int vocab_per_block() const { return vocab_per_block_; }
 
   // For each row i of hidden [n, hidden] bf16 (the final norm's output of the rows that
   // predict a scored token) with lm_head w [vocab, hidden] bf16:

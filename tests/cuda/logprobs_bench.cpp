@@ -2,8 +2,9 @@
 // shape (hidden 2880, vocabulary 201088) for a training micro-batch of scored rows, per
 // workspace size (which sets the block of rows x vocabulary chunk), against one plain cuBLAS
 // GEMM of the whole [rows, vocab] logits as the yardstick of what the GEMMs alone can reach.
-// Forward is one GEMM (2·rows·hidden·vocab flops) and two passes over the logits; backward
-// is two GEMMs (the logits again, then dhidden) and one pass.
+// Forward is one GEMM (2·rows·hidden·vocab flops) and one pass over the logits (timed alone
+// too: its GEMMs block by block); backward is two GEMMs (the logits again, then dhidden) and
+// one pass.
 // Usage: logprobs_bench [iterations [rows [workspace_mib...]]]   (default: 5, 4096, 256 1024 2048)
 #include <cuda_runtime.h>
 
@@ -75,10 +76,22 @@ void bench(int iterations, int rows, const std::vector<size_t>& workspaces_mib) 
         iterations);
     std::printf("one cuBLAS GEMM of the whole logits: %8.2f ms  %6.1f TFLOP/s\n", ms, tflops(gemm_flops, ms));
   }
-  std::printf("%14s %10s | %10s %8s | %10s %8s | %10s %8s\n", "workspace MiB", "bytes MiB", "forward ms", "TFLOP/s",
-              "backward ms", "TFLOP/s", "total ms", "TFLOP/s");
+  std::printf("%9s %12s | %10s %8s %9s | %11s %8s | %10s %8s\n", "workspace", "block", "forward ms", "TFLOP/s",
+              "GEMMs ms", "backward ms", "TFLOP/s", "total ms", "TFLOP/s");
   for (size_t mib : workspaces_mib) {
     cuda::LmHeadLogprobs lm_head(rows, kHidden, kVocab, mib << 20);
+    const int block_rows = lm_head.rows_per_block(), chunk = lm_head.vocab_per_block();
+    // The forward's logits GEMMs alone, block by block as it runs them: what the folds add.
+    cuda::DeviceBuffer<float> block(size_t(block_rows) * chunk, "logits block");
+    const auto gemms = [&] {
+      for (int r0 = 0; r0 < rows; r0 += block_rows) {
+        for (int v0 = 0; v0 < kVocab; v0 += chunk) {
+          cuda::linear_forward(blas, block.data(), hidden.data() + int64_t(r0) * kHidden,
+                               w.data() + int64_t(v0) * kHidden, nullptr, std::min(block_rows, rows - r0), kHidden,
+                               std::min(chunk, kVocab - v0), false);
+        }
+      }
+    };
     const auto forward = [&] {
       lm_head.forward(blas, logp.data(), lse.data(), entropy.data(), hidden.data(), w.data(), targets_d.data(), rows);
     };
@@ -86,11 +99,12 @@ void bench(int iterations, int rows, const std::vector<size_t>& workspaces_mib) 
       lm_head.backward(blas, dhidden.data(), dlogp.data(), hidden.data(), w.data(), targets_d.data(), lse.data(), rows);
     };
     const double forward_ms = time_ms(forward, iterations);
+    const double gemms_ms = time_ms(gemms, iterations);
     const double backward_ms = time_ms(backward, iterations);
     const double total_ms = forward_ms + backward_ms;
-    std::printf("%14zu %10.1f | %10.2f %8.1f | %10.2f %8.1f | %10.2f %8.1f\n", mib, double(lm_head.bytes()) / (1 << 20),
-                forward_ms, tflops(gemm_flops, forward_ms), backward_ms, tflops(2 * gemm_flops, backward_ms), total_ms,
-                tflops(3 * gemm_flops, total_ms));
+    std::printf("%5zu MiB %5d x %5d | %10.2f %8.1f %9.2f | %11.2f %8.1f | %10.2f %8.1f\n", mib, block_rows, chunk,
+                forward_ms, tflops(gemm_flops, forward_ms), gemms_ms, backward_ms, tflops(2 * gemm_flops, backward_ms),
+                total_ms, tflops(3 * gemm_flops, total_ms));
   }
   // A finite log-prob says the timed calls computed something.
   const std::vector<float> first = logp.download(1);

@@ -5,7 +5,10 @@
 //
 // Training shapes are large (hundreds of rows per expert), so the work is GEMM bound: the
 // routing is copied to the host once per call and every expert matmul, forward and backward,
-// base and LoRA, runs as a grouped GEMM over the experts' row ranges.
+// runs as a GEMM per expert over its row range (cuBLAS, spread over streams); the LoRA matmuls
+// run grouped over all experts in one launch each (moe_train.cpp says how). MXFP4 experts are
+// decoded to bf16 into a bounded stage (MoeTrainDims::mxfp4_stage_bytes), a chunk of experts at
+// a time, bit-exact; the rollout kernels (cuda/moe.h) decode in registers instead.
 #pragma once
 
 #include <cstddef>
@@ -28,6 +31,10 @@ struct MoeTrainDims {
   int k = 0;             // experts per token
   float swiglu_limit = 7.0f;
   int lora_r = 0;        // rank of the expert adapters (0: none); sizes their activations
+  // MXFP4 experts are decoded to bf16, a chunk of experts at a time, into two buffers of this
+  // many bytes each (one is decoded while the other's GEMMs run); each holds at least one
+  // expert. 0: bf16 experts only, no buffers. The default holds 8 experts of gpt-oss's gate_up.
+  size_t mxfp4_stage_bytes = size_t(256) << 20;
 };
 
 // One layer's frozen MoE weights.

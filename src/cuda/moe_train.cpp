@@ -1,0 +1,371 @@
+// The MoE training block (cuda/moe_train.h): routing, the expert GEMMs through cuBLAS, and
+// the kernels of cuda/moe_train_kernels.h around them.
+//
+// Forward (R = n*k rows, grouped by expert; offsets copied to the host once):
+//   logits = xn · Wrᵀ; top-k + softmax; group by expert          (cuda/router.h)
+//   xs = xn gathered by row                                       [R, H] bf16, kept
+//   u_g = xs · A_gᵀ                                               [R, r] bf16, kept
+//   acc = xs · W_eᵀ per expert                                    cuBLAS, fp32
+//   g = acc + b_e + s·u_g·B_gᵀ; h = SwiGLU(g)                     [R, 2I], [R, I] bf16, kept
+//   u_d = h · A_dᵀ                                                [R, r] bf16, kept
+//   acc = h · D_eᵀ per expert; y = acc + d_e + s·u_d·B_dᵀ         [R, H] fp32, assignment order, kept
+//   residual += Σ_s w_s y_s                                       (cuda/moe.h's combine)
+// Backward:
+//   dw_s = dout · y_s -> dlogits -> dxn = dlogits · Wr; dys = w_s · dout   (grouped order, bf16)
+//   v_d = s·dys·B_d; grad_Bd += s·dysᵀ·u_d; grad_Ad += v_dᵀ·h
+//   acc = dys · D_e per expert; dg = SwiGLU'(acc + v_d·A_d)       [R, 2I] bf16
+//   v_g = s·dg·B_g; grad_Bg += s·dgᵀ·u_g; grad_Ag += v_gᵀ·xs
+//   acc = dg · W_e per expert (+ v_g·A_g); dxn[t] += Σ_s acc[row of (t, s)]
+//
+// Expert GEMMs. Each expert's rows are one cuBLAS GEMM (bf16 in, fp32 out): at training sizes
+// (hundreds of rows per expert) that is cuBLAS's large-tile Hopper kernel, where a grouped GEMM
+// would get its warp-level ones. One expert's GEMM fills only part of the GPU (5760 x 512 is
+// ~180 tiles of 128 x 128 on 132 SMs), so consecutive experts go round robin to kLanes streams,
+// each with its own cuBLAS handle, and their tails overlap. MXFP4 experts are first decoded to
+// bf16 (bit-exact, cuda/moe_train_kernels.h) into one of two stage buffers of bounded size
+// (MoeTrainDims::mxfp4_stage_bytes), a chunk of experts at a time, on a decode stream: chunk c+1
+// is decoded while the lanes run chunk c. (The rollout kernels, cuda/moe.h, decode in registers
+// instead; at these row counts cuBLAS on decoded weights is the faster path.)
+#include "cuda/moe_train.h"
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <memory>
+#include <vector>
+
+#include "core/error.h"
+#include "cuda/moe_train_kernels.h"
+#include "cuda/router.h"
+
+namespace ossrl::cuda {
+
+using moe_train::ExpertRows;
+using moe_train::LowRankUpdate;
+using moe_train::RankOperand;
+using moe_train::StageList;
+
+namespace {
+
+using bf16 = __nv_bfloat16;
+
+constexpr int kLanes = 4;  // streams the experts' GEMMs are spread over (the first is the caller's)
+// The cuBLAS workspace each extra lane's Blas allocates (linear.cpp's kWorkspaceBytes).
+constexpr size_t kLaneWorkspaceBytes = size_t(32) << 20;
+constexpr int kMaxK = 8;             // cuda/router.h's top-k
+constexpr int kMaxExperts = moe_train::kMaxStageExperts;
+
+void check_cublas(cublasStatus_t status, const char* call) {
+  if (status != CUBLAS_STATUS_SUCCESS) {
+    fail("cuBLAS error {} ({}) in {}", cublasGetStatusName(status), cublasGetStatusString(status), call);
+  }
+}
+
+// Element counts of every buffer, shared by bytes() and the constructor.
+struct Plan {
+  size_t tokens = 0, rows = 0, hidden = 0, intermediate = 0, experts = 0, k = 0, rank = 0;
+  size_t acc_cols = 0;   // fp32 GEMM output: 2I (gate_up), H (down, dxs), I (dh)
+  size_t grad_cols = 0;  // bf16 dys [R, H], then dg [R, 2I]
+  size_t stage = 0;      // bf16 elements of each MXFP4 stage buffer
+
+  Plan(const MoeTrainDims& d, int max_tokens)
+      : tokens(size_t(max_tokens)), rows(size_t(max_tokens) * size_t(d.k)), hidden(size_t(d.hidden)),
+        intermediate(size_t(d.intermediate)), experts(size_t(d.experts)), k(size_t(d.k)), rank(size_t(d.lora_r)) {
+    acc_cols = std::max(2 * intermediate, hidden);
+    grad_cols = acc_cols;
+    if (d.mxfp4_stage_bytes > 0) {
+      const size_t largest = 2 * intermediate * hidden;  // gate_up's, >= down's
+      stage = std::min(experts * largest, std::max(largest, d.mxfp4_stage_bytes / sizeof(bf16)));
+    }
+  }
+  size_t bytes() const {
+    return tokens * experts * sizeof(float)                     // router logits
+           + tokens * k * (sizeof(int32_t) + sizeof(float))      // expert index, weight
+           + (experts + 1) * sizeof(int32_t)                     // offsets
+           + 2 * rows * sizeof(int32_t)                          // sorted, position
+           + rows * hidden * sizeof(bf16)                        // xs
+           + rows * 2 * intermediate * sizeof(bf16)              // g
+           + rows * intermediate * sizeof(bf16)                  // h
+           + rows * hidden * sizeof(float)                       // y
+           + 3 * rows * rank * sizeof(bf16)                      // u_g, u_d, v
+           + rows * acc_cols * sizeof(float)                     // acc
+           + rows * grad_cols * sizeof(bf16)                     // dys / dg
+           + 2 * stage * sizeof(bf16)                            // MXFP4 stage
+           + (kLanes - 1) * kLaneWorkspaceBytes;                 // the lanes' cuBLAS workspaces
+  }
+};
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { OSSRL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+struct Event {
+  cudaEvent_t e = nullptr;
+  Event() { OSSRL_CUDA_CHECK(cudaEventCreateWithFlags(&e, cudaEventDisableTiming)); }
+  ~Event() { cudaEventDestroy(e); }
+  Event(const Event&) = delete;
+  Event& operator=(const Event&) = delete;
+};
+
+bool adapter_on(const DeviceAdapter* ad) { return ad != nullptr && ad->active(); }
+
+// A [experts, r, in] and B [experts, out, r] as rank operands (their grads likewise).
+template <class T>
+RankOperand<T> a_operand(T* a, const DeviceAdapter& ad) {
+  return {a, int64_t(ad.r) * ad.in, 1, ad.in};
+}
+template <class T>
+RankOperand<T> b_operand(T* b, const DeviceAdapter& ad) {
+  return {b, int64_t(ad.out) * ad.r, ad.r, 1};
+}
+
+}  // namespace
+
+struct MoeTrainBlock::Impl {
+  MoeTrainDims d;
+  Plan plan;
+  DeviceBuffer<float> logits, expert_weight, y, acc;
+  DeviceBuffer<int32_t> expert_index, offsets, sorted, position;
+  DeviceBuffer<bf16> xs, g, h, u_gate_up, u_down, v, grad_rows;
+  DeviceBuffer<bf16> stage[2];
+  // Streams before the Blas objects that use them: members are destroyed in reverse order.
+  Stream lane_streams[kLanes - 1];
+  Stream decode_stream;
+  std::vector<std::unique_ptr<Blas>> lanes;  // lanes 1.. (lane 0 is the caller's Blas)
+  Event fork, join[kLanes - 1], stage_ready[2], lane_done[kLanes][2];
+
+  // The last forward's routing, on the host.
+  int n = 0;
+  std::vector<int32_t> host_offsets;
+  std::vector<int> experts_with_rows;
+  int max_rows = 0;
+
+  Impl(const MoeTrainDims& dims, int max_tokens)
+      : d(dims),
+        plan(dims, max_tokens),
+        logits(plan.tokens * plan.experts, "MoE router logits"),
+        expert_weight(plan.tokens * plan.k, "MoE expert weights"),
+        y(plan.rows * plan.hidden, "MoE expert outputs"),
+        acc(plan.rows * plan.acc_cols, "MoE GEMM outputs"),
+        expert_index(plan.tokens * plan.k, "MoE expert index"),
+        offsets(plan.experts + 1, "MoE expert offsets"),
+        sorted(plan.rows, "MoE sorted assignments"),
+        position(plan.rows, "MoE assignment positions"),
+        xs(plan.rows * plan.hidden, "MoE gathered inputs"),
+        g(plan.rows * 2 * plan.intermediate, "MoE gate_up pre-activations"),
+        h(plan.rows * plan.intermediate, "MoE SwiGLU outputs"),
+        u_gate_up(plan.rows * plan.rank, "MoE gate_up LoRA activations"),
+        u_down(plan.rows * plan.rank, "MoE down LoRA activations"),
+        v(plan.rows * plan.rank, "MoE LoRA backward scratch"),
+        grad_rows(plan.rows * plan.grad_cols, "MoE row gradients"),
+        stage{DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage"), DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage")},
+        host_offsets(plan.experts + 1) {
+    for (int l = 1; l < kLanes; ++l) lanes.push_back(std::make_unique<Blas>(lane_streams[l - 1].s));
+  }
+
+  ExpertRows rows() const { return {offsets.data(), d.experts, max_rows}; }
+
+  void check(int tokens, const MoeTrainWeights& w, const DeviceAdapter* gate_up, const DeviceAdapter* down) const {
+    OSSRL_CHECK(tokens >= 0 && size_t(tokens) <= plan.tokens, "MoE training block: {} tokens, built for at most {}",
+                tokens, plan.tokens);
+    auto check_experts = [&](const ExpertWeights& e, int out, int in, const char* name) {
+      OSSRL_CHECK(e.experts == d.experts && e.out == out && e.in == in,
+                  "MoE training block: {} experts are [{}, {}, {}], the block was built for [{}, {}, {}]", name,
+                  e.experts, e.out, e.in, d.experts, out, in);
+      OSSRL_CHECK(e.mxfp4 ? e.blocks != nullptr && e.scales != nullptr : e.dense != nullptr,
+                  "MoE training block: {} weights missing", name);
+      OSSRL_CHECK(!e.mxfp4 || plan.stage > 0,
+                  "MoE training block: {} experts are MXFP4 but the block was built without a decode stage "
+                  "(MoeTrainDims::mxfp4_stage_bytes 0)",
+                  name);
+      OSSRL_CHECK(e.bias != nullptr && reinterpret_cast<uintptr_t>(e.bias) % 16 == 0,
+                  "MoE training block: {} bias missing or not 16-byte aligned", name);
+    };
+    check_experts(w.gate_up, 2 * d.intermediate, d.hidden, "gate_up");
+    check_experts(w.down, d.hidden, d.intermediate, "down");
+    auto check_adapter = [&](const DeviceAdapter* ad, int out, int in, const char* name) {
+      if (!adapter_on(ad)) return;
+      OSSRL_CHECK(ad->experts == d.experts && ad->out == out && ad->in == in && ad->r == d.lora_r,
+                  "MoE training block: the {} adapter is {} experts of [{}, {}] with r {}, the block expects {} of "
+                  "[{}, {}] with r {}",
+                  name, ad->experts, ad->out, ad->in, ad->r, d.experts, out, in, d.lora_r);
+      OSSRL_CHECK(ad->a16 != nullptr && ad->b16 != nullptr && ad->grad_a != nullptr && ad->grad_b != nullptr,
+                  "MoE training block: the {} adapter lacks its bf16 copies or grads", name);
+    };
+    check_adapter(gate_up, 2 * d.intermediate, d.hidden, "gate_up_proj");
+    check_adapter(down, d.hidden, d.intermediate, "down_proj");
+  }
+
+  // out [R, forward ? w.out : w.in] fp32 = per expert e, over its rows of x:
+  //   forward: x [R, w.in] · W_eᵀ        backward: x [R, w.out] · W_e
+  void expert_gemms(Blas& blas, const ExpertWeights& w, bool forward, const bf16* x, float* out) {
+    if (experts_with_rows.empty()) return;
+    const cudaStream_t main = blas.stream();
+    const int64_t expert_elems = int64_t(w.out) * w.in;
+    // Lanes 1.. start after everything the caller's stream has queued (x, out's last readers).
+    OSSRL_CUDA_CHECK(cudaEventRecord(fork.e, main));
+    for (int l = 1; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(lane_streams[l - 1].s, fork.e));
+    int next_lane = 0;
+    auto gemm = [&](int e, const bf16* weight) {
+      const int lane = next_lane;
+      next_lane = (next_lane + 1) % kLanes;
+      const int begin = host_offsets[size_t(e)], m = host_offsets[size_t(e) + 1] - begin;
+      const cublasHandle_t handle = static_cast<cublasHandle_t>(lane == 0 ? blas.handle() : lanes[size_t(lane - 1)]->handle());
+      const float one = 1.0f, zero = 0.0f;
+      // Column-major views: a row-major [rows, cols] matrix is cols x rows with ld cols.
+      if (forward) {  // outᵀ [w.out, m] = W_e ([w.in, w.out] col-major, transposed) · xᵀ [w.in, m]
+        check_cublas(cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, w.out, m, w.in, &one, weight, CUDA_R_16BF, w.in,
+                                  x + int64_t(begin) * w.in, CUDA_R_16BF, w.in, &zero, out + int64_t(begin) * w.out,
+                                  CUDA_R_32F, w.out, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx (MoE expert, forward)");
+      } else {  // outᵀ [w.in, m] = W_e ([w.in, w.out] col-major) · xᵀ [w.out, m]
+        check_cublas(cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, w.in, m, w.out, &one, weight, CUDA_R_16BF, w.in,
+                                  x + int64_t(begin) * w.out, CUDA_R_16BF, w.out, &zero, out + int64_t(begin) * w.in,
+                                  CUDA_R_32F, w.in, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT),
+                     "cublasGemmEx (MoE expert, backward)");
+      }
+    };
+    auto lane_stream = [&](int l) { return l == 0 ? main : lane_streams[l - 1].s; };
+
+    if (!w.mxfp4) {
+      for (int e : experts_with_rows) gemm(e, w.dense + int64_t(e) * expert_elems);
+    } else {
+      const size_t chunk = std::max<size_t>(1, plan.stage / size_t(expert_elems));
+      for (size_t first = 0, c = 0; first < experts_with_rows.size(); first += chunk, ++c) {
+        const int buf = int(c % 2);
+        StageList list;
+        list.count = int(std::min(chunk, experts_with_rows.size() - first));
+        for (int i = 0; i < list.count; ++i) list.expert[i] = int16_t(experts_with_rows[first + size_t(i)]);
+        // The buffer is free once every lane's GEMMs of its last chunk (this call's or an
+        // earlier call's) are done.
+        for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(decode_stream.s, lane_done[l][buf].e));
+        moe_train::decode_mxfp4_experts(stage[buf].data(), w, list, decode_stream.s);
+        OSSRL_CUDA_CHECK(cudaEventRecord(stage_ready[buf].e, decode_stream.s));
+        for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(lane_stream(l), stage_ready[buf].e));
+        for (int i = 0; i < list.count; ++i) gemm(list.expert[i], stage[buf].data() + int64_t(i) * expert_elems);
+        for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaEventRecord(lane_done[l][buf].e, lane_stream(l)));
+      }
+    }
+    for (int l = 1; l < kLanes; ++l) {
+      OSSRL_CUDA_CHECK(cudaEventRecord(join[l - 1].e, lane_streams[l - 1].s));
+      OSSRL_CUDA_CHECK(cudaStreamWaitEvent(main, join[l - 1].e));
+    }
+  }
+};
+
+size_t MoeTrainBlock::bytes(const MoeTrainDims& dims, int max_tokens) { return Plan(dims, max_tokens).bytes(); }
+
+MoeTrainBlock::MoeTrainBlock(const MoeTrainDims& dims, int max_tokens) {
+  OSSRL_CHECK(max_tokens > 0, "MoE training block: max_tokens must be positive (got {})", max_tokens);
+  OSSRL_CHECK(dims.hidden > 0 && dims.hidden % 32 == 0 && dims.intermediate > 0 && dims.intermediate % 32 == 0,
+              "MoE training block: hidden ({}) and intermediate ({}) must be positive multiples of 32", dims.hidden,
+              dims.intermediate);
+  OSSRL_CHECK(dims.k >= 1 && dims.k <= kMaxK && dims.experts >= dims.k && dims.experts <= kMaxExperts,
+              "MoE training block: {} experts per token of {} (at most {} of {})", dims.k, dims.experts, kMaxK,
+              kMaxExperts);
+  OSSRL_CHECK(dims.lora_r >= 0, "MoE training block: negative LoRA rank {}", dims.lora_r);
+  impl_ = new Impl(dims, max_tokens);
+}
+
+MoeTrainBlock::~MoeTrainBlock() { delete impl_; }
+
+void MoeTrainBlock::forward(Blas& blas, float* residual, const bf16* xn, int n, const MoeTrainWeights& w,
+                            const DeviceAdapter* gate_up, const DeviceAdapter* down) {
+  Impl& m = *impl_;
+  m.check(n, w, gate_up, down);
+  m.n = n;
+  if (n == 0) return;
+  const MoeTrainDims& d = m.d;
+  const cudaStream_t stream = blas.stream();
+  const int rows_total = n * d.k;
+
+  linear_forward(blas, m.logits.data(), xn, w.router_weight, nullptr, n, d.hidden, d.experts, false);
+  router_topk_forward(m.expert_index.data(), m.expert_weight.data(), m.logits.data(), w.router_bias, n, d.experts, d.k,
+                      stream);
+  moe_group_by_expert(m.offsets.data(), m.sorted.data(), m.expert_index.data(), n, d.k, d.experts, stream);
+  // The one host sync: the GEMMs' row ranges.
+  OSSRL_CUDA_CHECK(cudaMemcpyAsync(m.host_offsets.data(), m.offsets.data(), m.host_offsets.size() * sizeof(int32_t),
+                                   cudaMemcpyDeviceToHost, stream));
+  OSSRL_CUDA_CHECK(cudaStreamSynchronize(stream));
+  m.experts_with_rows.clear();
+  m.max_rows = 0;
+  for (int e = 0; e < d.experts; ++e) {
+    const int count = m.host_offsets[size_t(e) + 1] - m.host_offsets[size_t(e)];
+    if (count > 0) m.experts_with_rows.push_back(e);
+    m.max_rows = std::max(m.max_rows, count);
+  }
+  const ExpertRows rows = m.rows();
+
+  moe_train::gather_rows(m.xs.data(), m.position.data(), xn, m.sorted.data(), rows_total, d.k, d.hidden, stream);
+  LowRankUpdate gate_up_update, down_update;
+  if (adapter_on(gate_up)) {
+    moe_train::lora_project(m.u_gate_up.data(), m.xs.data(), d.hidden, a_operand<const bf16>(gate_up->a16, *gate_up),
+                            d.lora_r, 1.0f, rows, stream);
+    gate_up_update = {m.u_gate_up.data(), b_operand<const bf16>(gate_up->b16, *gate_up), d.lora_r, gate_up->scale};
+  }
+  m.expert_gemms(blas, w.gate_up, /*forward=*/true, m.xs.data(), m.acc.data());
+  moe_train::gate_up_epilogue(m.g.data(), m.h.data(), m.acc.data(), w.gate_up.bias, gate_up_update, d.intermediate,
+                              d.swiglu_limit, rows, stream);
+  if (adapter_on(down)) {
+    moe_train::lora_project(m.u_down.data(), m.h.data(), d.intermediate, a_operand<const bf16>(down->a16, *down),
+                            d.lora_r, 1.0f, rows, stream);
+    down_update = {m.u_down.data(), b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale};
+  }
+  m.expert_gemms(blas, w.down, /*forward=*/true, m.h.data(), m.acc.data());
+  moe_train::store_rows_epilogue(m.y.data(), m.acc.data(), d.hidden, w.down.bias, m.sorted.data(), down_update, rows,
+                                 stream);
+  moe_combine(residual, m.y.data(), m.expert_weight.data(), n, d.k, d.hidden, stream);
+}
+
+void MoeTrainBlock::backward(Blas& blas, float* dxn, const float* dout, const bf16* xn, int n, const MoeTrainWeights& w,
+                             const DeviceAdapter* gate_up, const DeviceAdapter* down) {
+  Impl& m = *impl_;
+  m.check(n, w, gate_up, down);
+  OSSRL_CHECK(n == m.n, "MoE training block: backward of {} tokens after a forward of {}", n, m.n);
+  OSSRL_CHECK(reinterpret_cast<uintptr_t>(dxn) % 16 == 0, "MoE training block: dxn must be 16-byte aligned");
+  if (n == 0) return;
+  const MoeTrainDims& d = m.d;
+  const cudaStream_t stream = blas.stream();
+  const ExpertRows rows = m.rows();
+  // xn's rows are already in xs (gathered by the forward this backward belongs to).
+  (void)xn;
+
+  bf16* dys = m.grad_rows.data();
+  moe_train::router_backward(dxn, dys, dout, m.y.data(), m.expert_index.data(), m.expert_weight.data(),
+                             m.position.data(), w.router_weight, n, d.k, d.hidden, stream);
+  LowRankUpdate dh_update, dxs_update;
+  if (adapter_on(down)) {
+    moe_train::lora_project(m.v.data(), dys, d.hidden, b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale,
+                            rows, stream);
+    moe_train::lora_weight_grad(b_operand(down->grad_b, *down), dys, d.hidden, m.u_down.data(), d.lora_r, down->scale,
+                                rows, stream);
+    moe_train::lora_weight_grad(a_operand(down->grad_a, *down), m.h.data(), d.intermediate, m.v.data(), d.lora_r, 1.0f,
+                                rows, stream);
+    dh_update = {m.v.data(), a_operand<const bf16>(down->a16, *down), d.lora_r, 1.0f};
+  }
+  m.expert_gemms(blas, w.down, /*forward=*/false, dys, m.acc.data());
+  // dg overwrites dys, whose last readers (the GEMMs, joined back into `stream`) are done.
+  bf16* dg = m.grad_rows.data();
+  moe_train::swiglu_backward_epilogue(dg, m.acc.data(), m.g.data(), dh_update, d.intermediate, d.swiglu_limit, rows,
+                                      stream);
+  if (adapter_on(gate_up)) {
+    moe_train::lora_project(m.v.data(), dg, 2 * d.intermediate, b_operand<const bf16>(gate_up->b16, *gate_up),
+                            d.lora_r, gate_up->scale, rows, stream);
+    moe_train::lora_weight_grad(b_operand(gate_up->grad_b, *gate_up), dg, 2 * d.intermediate, m.u_gate_up.data(),
+                                d.lora_r, gate_up->scale, rows, stream);
+    moe_train::lora_weight_grad(a_operand(gate_up->grad_a, *gate_up), m.xs.data(), d.hidden, m.v.data(), d.lora_r,
+                                1.0f, rows, stream);
+    dxs_update = {m.v.data(), a_operand<const bf16>(gate_up->a16, *gate_up), d.lora_r, 1.0f};
+  }
+  m.expert_gemms(blas, w.gate_up, /*forward=*/false, dg, m.acc.data());
+  if (dxs_update.u != nullptr) {
+    moe_train::store_rows_epilogue(m.acc.data(), m.acc.data(), d.hidden, nullptr, nullptr, dxs_update, rows, stream);
+  }
+  moe_train::sum_expert_rows(dxn, m.acc.data(), m.position.data(), n, d.k, d.hidden, stream);
+}
+
+}  // namespace ossrl::cuda

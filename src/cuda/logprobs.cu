@@ -24,7 +24,7 @@ struct Online {
   float sum = 0.0f;
   float weighted = 0.0f;
 
-  // Re-expressed about a larger max m: Σ e·α and Σ e·α·(z - m) = α·(weighted + (max - m)·sum),
+  // Re-expressed about a max m >= max: Σ e·α and Σ e·α·(z - m) = α·(weighted + (max - m)·sum),
   // α = exp(max - m). Nothing seen yet (max -inf): stays empty rather than 0 · inf = NaN.
   __device__ void rescale(float m) {
     if (max != -kInf) {

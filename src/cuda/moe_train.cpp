@@ -21,8 +21,10 @@
 // (hundreds of rows per expert) that is cuBLAS's large-tile Hopper kernel, where a grouped GEMM
 // would get its warp-level ones. One expert's GEMM fills only part of the GPU (5760 x 512 is
 // ~180 tiles of 128 x 128 on 132 SMs), so consecutive experts go round robin to kLanes streams,
-// each with its own cuBLAS handle, and their tails overlap. MXFP4 experts are first decoded to
-// bf16 (bit-exact, cuda/moe_train_kernels.h) into one of two stage buffers of bounded size
+// each with its own cuBLAS handle, and their tails overlap. The experts go in chunks, and each
+// chunk's epilogue (memory bound) runs on its own stream while the lanes run the next chunk's
+// GEMMs (compute bound). MXFP4 experts are first decoded to bf16 (bit-exact,
+// cuda/moe_train_kernels.h) into one of two stage buffers of bounded size
 // (MoeTrainDims::mxfp4_stage_bytes), a chunk of experts at a time, on a decode stream: chunk c+1
 // is decoded while the lanes run chunk c. (The rollout kernels, cuda/moe.h, decode in registers
 // instead; at these row counts cuBLAS on decoded weights is the faster path.)
@@ -50,6 +52,7 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 constexpr int kLanes = 4;  // streams the experts' GEMMs are spread over (the first is the caller's)
+constexpr size_t kChunkExperts = 8;  // bf16 experts per chunk (MXFP4: what a stage buffer holds)
 // The cuBLAS workspace each extra lane's Blas allocates (linear.cpp's kWorkspaceBytes).
 constexpr size_t kLaneWorkspaceBytes = size_t(32) << 20;
 constexpr int kMaxK = 8;             // cuda/router.h's top-k
@@ -65,14 +68,12 @@ void check_cublas(cublasStatus_t status, const char* call) {
 struct Plan {
   size_t tokens = 0, rows = 0, hidden = 0, intermediate = 0, experts = 0, k = 0, rank = 0;
   size_t acc_cols = 0;   // fp32 GEMM output: 2I (gate_up), H (down, dxs), I (dh)
-  size_t grad_cols = 0;  // bf16 dys [R, H], then dg [R, 2I]
   size_t stage = 0;      // bf16 elements of each MXFP4 stage buffer
 
   Plan(const MoeTrainDims& d, int max_tokens)
       : tokens(size_t(max_tokens)), rows(size_t(max_tokens) * size_t(d.k)), hidden(size_t(d.hidden)),
         intermediate(size_t(d.intermediate)), experts(size_t(d.experts)), k(size_t(d.k)), rank(size_t(d.lora_r)) {
     acc_cols = std::max(2 * intermediate, hidden);
-    grad_cols = acc_cols;
     if (d.mxfp4_stage_bytes > 0) {
       const size_t largest = 2 * intermediate * hidden;  // gate_up's, >= down's
       stage = std::min(experts * largest, std::max(largest, d.mxfp4_stage_bytes / sizeof(bf16)));
@@ -89,7 +90,8 @@ struct Plan {
            + rows * hidden * sizeof(float)                       // y
            + 3 * rows * rank * sizeof(bf16)                      // u_g, u_d, v
            + rows * acc_cols * sizeof(float)                     // acc
-           + rows * grad_cols * sizeof(bf16)                     // dys / dg
+           + rows * hidden * sizeof(bf16)                        // dys
+           + rows * 2 * intermediate * sizeof(bf16)              // dg
            + 2 * stage * sizeof(bf16)                            // MXFP4 stage
            + (kLanes - 1) * kLaneWorkspaceBytes;                 // the lanes' cuBLAS workspaces
   }
@@ -97,7 +99,10 @@ struct Plan {
 
 struct Stream {
   cudaStream_t s = nullptr;
-  Stream() { OSSRL_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking)); }
+  // priority: cudaStreamCreateWithPriority's (0 is the default; lower is more urgent).
+  explicit Stream(int priority = 0) {
+    OSSRL_CUDA_CHECK(cudaStreamCreateWithPriority(&s, cudaStreamNonBlocking, priority));
+  }
   ~Stream() { cudaStreamDestroy(s); }
   Stream(const Stream&) = delete;
   Stream& operator=(const Stream&) = delete;
@@ -110,6 +115,12 @@ struct Event {
   Event(const Event&) = delete;
   Event& operator=(const Event&) = delete;
 };
+
+int greatest_stream_priority() {
+  int least = 0, greatest = 0;
+  OSSRL_CUDA_CHECK(cudaDeviceGetStreamPriorityRange(&least, &greatest));
+  return greatest;
+}
 
 bool adapter_on(const DeviceAdapter* ad) { return ad != nullptr && ad->active(); }
 
@@ -130,13 +141,16 @@ struct MoeTrainBlock::Impl {
   Plan plan;
   DeviceBuffer<float> logits, expert_weight, y, acc;
   DeviceBuffer<int32_t> expert_index, offsets, sorted, position;
-  DeviceBuffer<bf16> xs, g, h, u_gate_up, u_down, v, grad_rows;
+  DeviceBuffer<bf16> xs, g, h, u_gate_up, u_down, v, dys, dg;
   DeviceBuffer<bf16> stage[2];
   // Streams before the Blas objects that use them: members are destroyed in reverse order.
   Stream lane_streams[kLanes - 1];
-  Stream decode_stream;
+  // The most urgent priority: the GEMMs of the next chunk wait on a decode, and the epilogues
+  // are memory bound, so their CTAs go first whenever the lanes' GEMMs free an SM.
+  Stream decode_stream{greatest_stream_priority()};
+  Stream epilogue_stream{greatest_stream_priority()};
   std::vector<std::unique_ptr<Blas>> lanes;  // lanes 1.. (lane 0 is the caller's Blas)
-  Event fork, join[kLanes - 1], stage_ready[2], lane_done[kLanes][2];
+  Event fork, join[kLanes], stage_ready[2], lane_done[kLanes][2];  // join[kLanes - 1]: the epilogue stream
 
   // The last forward's routing, on the host.
   int n = 0;
@@ -161,7 +175,8 @@ struct MoeTrainBlock::Impl {
         u_gate_up(plan.rows * plan.rank, "MoE gate_up LoRA activations"),
         u_down(plan.rows * plan.rank, "MoE down LoRA activations"),
         v(plan.rows * plan.rank, "MoE LoRA backward scratch"),
-        grad_rows(plan.rows * plan.grad_cols, "MoE row gradients"),
+        dys(plan.rows * plan.hidden, "MoE expert output gradients"),
+        dg(plan.rows * 2 * plan.intermediate, "MoE gate_up gradients"),
         stage{DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage"), DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage")},
         host_offsets(plan.experts + 1) {
     for (int l = 1; l < kLanes; ++l) lanes.push_back(std::make_unique<Blas>(lane_streams[l - 1].s));
@@ -200,15 +215,30 @@ struct MoeTrainBlock::Impl {
     check_adapter(down, d.hidden, d.intermediate, "down_proj");
   }
 
-  // out [R, forward ? w.out : w.in] fp32 = per expert e, over its rows of x:
+  // The experts_with_rows[first .. first + count) as a launch's ExpertRows.
+  ExpertRows chunk_rows(size_t first, size_t count) const {
+    const int e0 = experts_with_rows[first], e1 = experts_with_rows[first + count - 1];
+    int most = 0;
+    for (int e = e0; e <= e1; ++e) most = std::max(most, host_offsets[size_t(e) + 1] - host_offsets[size_t(e)]);
+    return {offsets.data(), e1 - e0 + 1, most, e0};
+  }
+
+  // One projection's expert GEMMs: out [R, forward ? w.out : w.in] fp32 = per expert e, over
+  // its rows of x,
   //   forward: x [R, w.in] · W_eᵀ        backward: x [R, w.out] · W_e
-  void expert_gemms(Blas& blas, const ExpertWeights& w, bool forward, const bf16* x, float* out) {
+  // in chunks of experts; finish(rows, stream) launches the epilogue of a chunk's rows on the
+  // epilogue stream as soon as that chunk's GEMMs are done, while the lanes go on. Everything is
+  // joined back into the caller's stream at the end.
+  template <class Finish>
+  void expert_pass(Blas& blas, const ExpertWeights& w, bool forward, const bf16* x, float* out, Finish finish) {
     if (experts_with_rows.empty()) return;
     const cudaStream_t main = blas.stream();
+    auto lane_stream = [&](int l) { return l == 0 ? main : lane_streams[l - 1].s; };
     const int64_t expert_elems = int64_t(w.out) * w.in;
-    // Lanes 1.. start after everything the caller's stream has queued (x, out's last readers).
+    // Lanes 1.. and the epilogues start after everything the caller's stream has queued.
     OSSRL_CUDA_CHECK(cudaEventRecord(fork.e, main));
     for (int l = 1; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(lane_streams[l - 1].s, fork.e));
+    OSSRL_CUDA_CHECK(cudaStreamWaitEvent(epilogue_stream.s, fork.e));
     int next_lane = 0;
     auto gemm = [&](int e, const bf16* weight) {
       const int lane = next_lane;
@@ -229,29 +259,39 @@ struct MoeTrainBlock::Impl {
                      "cublasGemmEx (MoE expert, backward)");
       }
     };
-    auto lane_stream = [&](int l) { return l == 0 ? main : lane_streams[l - 1].s; };
 
-    if (!w.mxfp4) {
-      for (int e : experts_with_rows) gemm(e, w.dense + int64_t(e) * expert_elems);
-    } else {
-      const size_t chunk = std::max<size_t>(1, plan.stage / size_t(expert_elems));
-      for (size_t first = 0, c = 0; first < experts_with_rows.size(); first += chunk, ++c) {
-        const int buf = int(c % 2);
+    const size_t capacity = w.mxfp4 ? std::max<size_t>(1, plan.stage / size_t(expert_elems)) : kChunkExperts;
+    // The first chunk is a quarter of the others: nothing overlaps its decode or its epilogue.
+    size_t chunk = std::max<size_t>(1, capacity / 4);
+    for (size_t first = 0, c = 0; first < experts_with_rows.size(); first += chunk, chunk = capacity, ++c) {
+      const int buf = int(c % 2);
+      const size_t count = std::min(chunk, experts_with_rows.size() - first);
+      if (w.mxfp4) {
         StageList list;
-        list.count = int(std::min(chunk, experts_with_rows.size() - first));
-        for (int i = 0; i < list.count; ++i) list.expert[i] = int16_t(experts_with_rows[first + size_t(i)]);
-        // The buffer is free once every lane's GEMMs of its last chunk (this call's or an
-        // earlier call's) are done.
+        list.count = int(count);
+        for (size_t i = 0; i < count; ++i) list.expert[i] = int16_t(experts_with_rows[first + i]);
+        // The buffer is free once every lane's GEMMs of its last chunk (this pass's or an
+        // earlier one's) are done.
         for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(decode_stream.s, lane_done[l][buf].e));
         moe_train::decode_mxfp4_experts(stage[buf].data(), w, list, decode_stream.s);
         OSSRL_CUDA_CHECK(cudaEventRecord(stage_ready[buf].e, decode_stream.s));
         for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaStreamWaitEvent(lane_stream(l), stage_ready[buf].e));
-        for (int i = 0; i < list.count; ++i) gemm(list.expert[i], stage[buf].data() + int64_t(i) * expert_elems);
-        for (int l = 0; l < kLanes; ++l) OSSRL_CUDA_CHECK(cudaEventRecord(lane_done[l][buf].e, lane_stream(l)));
+        for (size_t i = 0; i < count; ++i) gemm(list.expert[i], stage[buf].data() + int64_t(i) * expert_elems);
+      } else {
+        for (size_t i = 0; i < count; ++i) {
+          const int e = experts_with_rows[first + i];
+          gemm(e, w.dense + int64_t(e) * expert_elems);
+        }
       }
+      for (int l = 0; l < kLanes; ++l) {
+        OSSRL_CUDA_CHECK(cudaEventRecord(lane_done[l][buf].e, lane_stream(l)));
+        OSSRL_CUDA_CHECK(cudaStreamWaitEvent(epilogue_stream.s, lane_done[l][buf].e));
+      }
+      finish(chunk_rows(first, count), epilogue_stream.s);
     }
-    for (int l = 1; l < kLanes; ++l) {
-      OSSRL_CUDA_CHECK(cudaEventRecord(join[l - 1].e, lane_streams[l - 1].s));
+    for (int l = 1; l <= kLanes; ++l) {
+      const cudaStream_t s = l < kLanes ? lane_streams[l - 1].s : epilogue_stream.s;
+      OSSRL_CUDA_CHECK(cudaEventRecord(join[l - 1].e, s));
       OSSRL_CUDA_CHECK(cudaStreamWaitEvent(main, join[l - 1].e));
     }
   }
@@ -307,17 +347,19 @@ void MoeTrainBlock::forward(Blas& blas, float* residual, const bf16* xn, int n, 
                             d.lora_r, 1.0f, rows, stream);
     gate_up_update = {m.u_gate_up.data(), b_operand<const bf16>(gate_up->b16, *gate_up), d.lora_r, gate_up->scale};
   }
-  m.expert_gemms(blas, w.gate_up, /*forward=*/true, m.xs.data(), m.acc.data());
-  moe_train::gate_up_epilogue(m.g.data(), m.h.data(), m.acc.data(), w.gate_up.bias, gate_up_update, d.intermediate,
-                              d.swiglu_limit, rows, stream);
+  m.expert_pass(blas, w.gate_up, /*forward=*/true, m.xs.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::gate_up_epilogue(m.g.data(), m.h.data(), m.acc.data(), w.gate_up.bias, gate_up_update, d.intermediate,
+                                d.swiglu_limit, r, s);
+  });
   if (adapter_on(down)) {
     moe_train::lora_project(m.u_down.data(), m.h.data(), d.intermediate, a_operand<const bf16>(down->a16, *down),
                             d.lora_r, 1.0f, rows, stream);
     down_update = {m.u_down.data(), b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale};
   }
-  m.expert_gemms(blas, w.down, /*forward=*/true, m.h.data(), m.acc.data());
-  moe_train::store_rows_epilogue(m.y.data(), m.acc.data(), d.hidden, w.down.bias, m.sorted.data(), down_update, rows,
-                                 stream);
+  m.expert_pass(blas, w.down, /*forward=*/true, m.h.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::store_rows_epilogue(m.y.data(), m.acc.data(), d.hidden, w.down.bias, m.sorted.data(), down_update, r,
+                                   s);
+  });
   moe_combine(residual, m.y.data(), m.expert_weight.data(), n, d.k, d.hidden, stream);
 }
 
@@ -334,7 +376,8 @@ void MoeTrainBlock::backward(Blas& blas, float* dxn, const float* dout, const bf
   // xn's rows are already in xs (gathered by the forward this backward belongs to).
   (void)xn;
 
-  bf16* dys = m.grad_rows.data();
+  bf16* dys = m.dys.data();
+  bf16* dg = m.dg.data();
   moe_train::router_backward(dxn, dys, dout, m.y.data(), m.expert_index.data(), m.expert_weight.data(),
                              m.position.data(), w.router_weight, n, d.k, d.hidden, stream);
   LowRankUpdate dh_update, dxs_update;
@@ -347,11 +390,9 @@ void MoeTrainBlock::backward(Blas& blas, float* dxn, const float* dout, const bf
                                 rows, stream);
     dh_update = {m.v.data(), a_operand<const bf16>(down->a16, *down), d.lora_r, 1.0f};
   }
-  m.expert_gemms(blas, w.down, /*forward=*/false, dys, m.acc.data());
-  // dg overwrites dys, whose last readers (the GEMMs, joined back into `stream`) are done.
-  bf16* dg = m.grad_rows.data();
-  moe_train::swiglu_backward_epilogue(dg, m.acc.data(), m.g.data(), dh_update, d.intermediate, d.swiglu_limit, rows,
-                                      stream);
+  m.expert_pass(blas, w.down, /*forward=*/false, dys, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::swiglu_backward_epilogue(dg, m.acc.data(), m.g.data(), dh_update, d.intermediate, d.swiglu_limit, r, s);
+  });
   if (adapter_on(gate_up)) {
     moe_train::lora_project(m.v.data(), dg, 2 * d.intermediate, b_operand<const bf16>(gate_up->b16, *gate_up),
                             d.lora_r, gate_up->scale, rows, stream);
@@ -361,10 +402,11 @@ void MoeTrainBlock::backward(Blas& blas, float* dxn, const float* dout, const bf
                                 1.0f, rows, stream);
     dxs_update = {m.v.data(), a_operand<const bf16>(gate_up->a16, *gate_up), d.lora_r, 1.0f};
   }
-  m.expert_gemms(blas, w.gate_up, /*forward=*/false, dg, m.acc.data());
-  if (dxs_update.u != nullptr) {
-    moe_train::store_rows_epilogue(m.acc.data(), m.acc.data(), d.hidden, nullptr, nullptr, dxs_update, rows, stream);
-  }
+  m.expert_pass(blas, w.gate_up, /*forward=*/false, dg, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    if (dxs_update.u != nullptr) {
+      moe_train::store_rows_epilogue(m.acc.data(), m.acc.data(), d.hidden, nullptr, nullptr, dxs_update, r, s);
+    }
+  });
   moe_train::sum_expert_rows(dxn, m.acc.data(), m.position.data(), n, d.k, d.hidden, stream);
 }
 

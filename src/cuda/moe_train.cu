@@ -62,19 +62,44 @@ __device__ __forceinline__ T operand_at(const RankOperand<T>& m, int e, int64_t 
   return m.data[e * m.stride_e + c * m.stride_c + q * m.stride_q];
 }
 
-// dst[c][q] (row stride ld) = l_e(c0 + c, q0 + q) for c < kCols, q < kRank, zero outside
-// (features >= width or rank >= r). The loop runs along whichever index is contiguous in memory.
+// A thread's share of a [kCols][kRank] tile of a rank operand, t[c][q] = l_e(c0 + c, q0 + q), zero
+// outside (features >= width or rank >= r): loaded into registers (so the loads of the next
+// tile fly while the current one is used), then stored to shared memory. Element i of the tile
+// runs along whichever index is contiguous in memory.
 template <int kCols, int kRank>
-__device__ __forceinline__ void stage_rank_operand(bf16* dst, int ld, const RankOperand<const bf16>& m, int e, int c0,
-                                                   int width, int q0, int r) {
-  const bf16 zero = __float2bfloat16_rn(0.0f);
-  const bool q_contiguous = m.stride_q == 1;
-  for (int i = threadIdx.x; i < kCols * kRank; i += kThreads) {
-    const int c = q_contiguous ? i / kRank : i % kCols;
-    const int q = q_contiguous ? i % kRank : i / kCols;
-    dst[c * ld + q] = c0 + c < width && q0 + q < r ? operand_at(m, e, c0 + c, q0 + q) : zero;
+struct RankTile {
+  static_assert(kCols * kRank % kThreads == 0 && kThreads % kCols == 0 && kThreads % kRank == 0,
+                "a tile is whole rounds of the CTA");
+  static constexpr int kPerThread = kCols * kRank / kThreads;
+  bf16 v[kPerThread];
+
+  // Element j of this thread is (c, q) = (c + j * dc, q + j * dq): one of dc, dq is 0, so the
+  // thread walks one pointer with one stride.
+  struct Walk {
+    int c, q, dc, dq;
+  };
+  __device__ __forceinline__ static Walk walk(bool q_contiguous) {
+    const int t = threadIdx.x;
+    return q_contiguous ? Walk{t / kRank, t % kRank, kThreads / kRank, 0} : Walk{t % kCols, t / kCols, 0, kThreads / kCols};
   }
-}
+  __device__ __forceinline__ void load(const RankOperand<const bf16>& m, int e, int64_t c0, int64_t width, int q0,
+                                       int r) {
+    const Walk w = walk(m.stride_q == 1);
+    const bf16* p = m.data + e * m.stride_e + (c0 + w.c) * m.stride_c + int64_t(q0 + w.q) * m.stride_q;
+    const int64_t step = w.dc * m.stride_c + w.dq * m.stride_q;
+    const bf16 zero = __float2bfloat16_rn(0.0f);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const bool inside = c0 + w.c + j * w.dc < width && q0 + w.q + j * w.dq < r;
+      v[j] = inside ? p[j * step] : zero;
+    }
+  }
+  __device__ __forceinline__ void store(bf16* dst, int ld, bool q_contiguous) const {
+    const Walk w = walk(q_contiguous);
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) dst[(w.c + j * w.dc) * ld + w.q + j * w.dq] = v[j];
+  }
+};
 
 // ---- gather
 
@@ -93,77 +118,120 @@ __global__ void gather_rows_kernel(bf16* xs, int32_t* position, const bf16* xn, 
 
 // ---- MXFP4 decode
 
-// E2M1 code -> value, as io/mxfp4's kFp4Values.
-__device__ __forceinline__ float fp4_value(int code) {
-  constexpr float kMagnitude[8] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
-  return code & 8 ? -kMagnitude[code & 7] : kMagnitude[code & 7];
+// The exact decode of cuda/moe.cu (see its header), here for a whole stage: a 32-bit word of
+// codes (elements i = 0..7 in nibble i) becomes 4 bf16 pairs; each pair is fp4 * 2^-126 built
+// from the code's bits (the 3 magnitude bits land on the two low exponent bits and the top
+// mantissa bit, so E2M1's subnormal 0.5 is the bf16 subnormal 2^-127; the sign on bit 15),
+// then scaled by 2^(scale - 1) in two exact bf16x2 multiplies whose factors are bf16 normals:
+// 2^(min(scale, 128) - 1) and 2^(max(scale, 128) - 128). Each product has two significant
+// bits, so it is exact unless it reaches 2^128, which is inf as ldexp gives: bit for bit
+// io/mxfp4 for every scale, 0 (subnormals) and 255 (±0.5 -> ±2^127) included. The
+// arithmetic stays off the shared-memory pipe (a table lookup per code was its bottleneck).
+__device__ __forceinline__ uint32_t mul_bf16x2(uint32_t a, uint32_t b) {
+  uint32_t d;
+  asm("mul.rn.bf16x2 %0, %1, %2;\n" : "=r"(d) : "r"(a), "r"(b));
+  return d;
 }
 
-// One thread per 32-value block: 16 bytes of codes and one scale in, 64 bytes of bf16 out.
-// value = (fp4 * pre) * 2^(scale - 127) in fp32 with the multiplier built from its bits, as
-// io/mxfp4 computes it: scale 0 is the subnormal 2^-127 (kernels here keep subnormals), scale
-// 255 is 2 * 2^127 so ±0.5 stays finite and zero codes stay zero. Every finite result has at
-// most two significant bits, so the bf16 rounding is exact: bit for bit io/mxfp4's decode.
-__global__ void decode_mxfp4_kernel(bf16* stage, const uint8_t* blocks, const uint8_t* scales,
-                                    int64_t blocks_per_expert, StageList list) {
-  __shared__ float table[16];
-  if (threadIdx.x < 16) table[threadIdx.x] = fp4_value(int(threadIdx.x));
-  __syncthreads();
-  const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= blocks_per_expert) return;
-  const int64_t src = int64_t(list.expert[blockIdx.y]) * blocks_per_expert + i;
-  const uint4 codes = *reinterpret_cast<const uint4*>(blocks + src * 16);
-  const uint32_t scale = scales[src];
-  const float multiplier = __uint_as_float(scale == 0 ? 0x00400000u : (scale == 255 ? 254u : scale) << 23);
-  const float pre = scale == 255 ? 2.0f : 1.0f;
-  const uint32_t words[4] = {codes.x, codes.y, codes.z, codes.w};
-  uint32_t pairs[16];
+// The codes selected by kMask (one nibble in each 16-bit half, at bit 0 or 4 of the half) as
+// fp4 * 2^-126 bf16 bits: the multiply makes two copies of each nibble, one with its magnitude
+// bits at bits 6..8 of the half and one with its sign at bit 15.
+template <uint32_t kMask, uint32_t kCopies>
+__device__ __forceinline__ uint32_t fp4_pair_bits(uint32_t codes) {
+  return ((codes & kMask) * kCopies) & 0x81C081C0u;
+}
+
+// 8 codes sharing `scale` -> 4 bf16 pairs in element order (w0, w1), (w2, w3), (w4, w5), (w6, w7).
+__device__ __forceinline__ uint4 decode_fp4_word(uint32_t codes, uint32_t scale) {
+  const uint32_t upper = codes >> 8;  // elements 2, 3 and 6, 7 where 0, 1 and 4, 5 were
+  // Pairs (w0, w4), (w1, w5), (w2, w6), (w3, w7).
+  uint32_t p[4] = {fp4_pair_bits<0x000F000Fu, 0x1040u>(codes), fp4_pair_bits<0x00F000F0u, 0x0104u>(codes),
+                   fp4_pair_bits<0x000F000Fu, 0x1040u>(upper), fp4_pair_bits<0x00F000F0u, 0x0104u>(upper)};
+  const uint32_t low = (min(scale, 128u) + 126u) * 0x00800080u;  // bf16 2^(min(scale,128) - 1), both halves
+  const uint32_t high = (max(scale, 128u) - 1u) * 0x00800080u;   // bf16 2^(max(scale,128) - 128)
 #pragma unroll
-  for (int b = 0; b < 16; ++b) {
-    const uint32_t byte = words[b / 4] >> (8 * (b % 4)) & 0xffu;
-    // Low nibble: the even element.
-    const __nv_bfloat162 pair =
-        __floats2bfloat162_rn((table[byte & 15] * pre) * multiplier, (table[byte >> 4] * pre) * multiplier);
-    pairs[b] = *reinterpret_cast<const uint32_t*>(&pair);
+  for (int i = 0; i < 4; ++i) p[i] = mul_bf16x2(mul_bf16x2(p[i], low), high);
+  // Low halves of (p0, p1) are w0, w1; high halves w4, w5; likewise p2, p3.
+  return make_uint4(__byte_perm(p[0], p[1], 0x5410), __byte_perm(p[2], p[3], 0x5410), __byte_perm(p[0], p[1], 0x7632),
+                    __byte_perm(p[2], p[3], 0x7632));
+}
+
+constexpr int kDecodeThreads = 64;  // small CTAs, no shared memory: they fit beside GEMM CTAs
+constexpr int kDecodeWords = 4;     // words per thread, loaded together
+
+// Thread i of the grid decodes words i, i + 64, ... of its CTA's span: 4-byte loads and 16-byte
+// stores, both contiguous across a warp.
+__global__ void __launch_bounds__(kDecodeThreads) decode_mxfp4_kernel(bf16* stage, const uint32_t* codes,
+                                                                      const uint8_t* scales, int64_t words_per_expert,
+                                                                      StageList list) {
+  const int64_t expert = list.expert[blockIdx.y];
+  const uint32_t* src = codes + expert * words_per_expert;
+  const uint8_t* src_scales = scales + expert * (words_per_expert / 4);  // 4 words per 32-value block
+  uint4* dst = reinterpret_cast<uint4*>(stage) + int64_t(blockIdx.y) * words_per_expert;
+  const int64_t first = int64_t(blockIdx.x) * kDecodeThreads * kDecodeWords + threadIdx.x;
+  uint32_t word[kDecodeWords], scale[kDecodeWords];
+#pragma unroll
+  for (int j = 0; j < kDecodeWords; ++j) {
+    const int64_t i = first + j * kDecodeThreads;
+    if (i < words_per_expert) {
+      word[j] = __ldg(src + i);
+      scale[j] = __ldg(src_scales + i / 4);
+    }
   }
-  uint4* dst = reinterpret_cast<uint4*>(stage + (int64_t(blockIdx.y) * blocks_per_expert + i) * 32);
 #pragma unroll
-  for (int v = 0; v < 4; ++v) dst[v] = make_uint4(pairs[4 * v], pairs[4 * v + 1], pairs[4 * v + 2], pairs[4 * v + 3]);
+  for (int j = 0; j < kDecodeWords; ++j) {
+    const int64_t i = first + j * kDecodeThreads;
+    if (i < words_per_expert) dst[i] = decode_fp4_word(word[j], scale[j]);
+  }
 }
 
 // ---- LoRA projection: u = alpha · x · m_e
 
 // grid (row tiles, experts, rank tiles). K advances 64 per stage; x tile [64 rows][64] and
-// m tile [kRank][64] (B = m as col-major k x q) in shared memory.
+// m tile [kRank][64] (B = m as col-major k x q) in shared memory, the next stage's tiles loaded
+// into registers while the current one is multiplied.
 template <int kRank>
 __global__ void __launch_bounds__(kThreads) lora_project_kernel(bf16* u, const bf16* x, int K,
                                                                 RankOperand<const bf16> m, int r, float alpha,
-                                                                const int32_t* offsets) {
+                                                                ExpertRows experts) {
   constexpr int kStep = 64;
   constexpr int kLd = kStep + 8;  // bf16; padding staggers the rows across banks
   constexpr int kLdOut = kRank + 4;
+  constexpr int kXPieces = kTileRows * kStep / 8 / kThreads;  // 16-byte pieces of the x tile per thread
   __shared__ alignas(128) bf16 xs[kTileRows * kLd];
   __shared__ alignas(128) bf16 ms[kRank * kLd];
   __shared__ alignas(128) float out[kTileRows * kLdOut];
-  const int e = blockIdx.y, q0 = blockIdx.z * kRank;
-  const RowTile tile = row_tile(offsets, e, blockIdx.x);
+  const int e = experts.first + blockIdx.y, q0 = blockIdx.z * kRank;
+  const RowTile tile = row_tile(experts.offsets, e, blockIdx.x);
   if (tile.count <= 0) return;
   const int warp = threadIdx.x / 32;
+  // m with its two indices swapped: ms[q][c] = m_e(k0 + c, q0 + q), staged as [rank][K].
+  const RankOperand<const bf16> mt{m.data, m.stride_e, m.stride_q, m.stride_c};
+  uint4 xr[kXPieces];
+  RankTile<kRank, kStep> mr;
+  auto load = [&](int k0) {
+#pragma unroll
+    for (int j = 0; j < kXPieces; ++j) {
+      const int i = threadIdx.x + j * kThreads, row = i / (kStep / 8), c = i % (kStep / 8) * 8;
+      xr[j] = row < tile.count && k0 + c < K ? *reinterpret_cast<const uint4*>(x + int64_t(tile.begin + row) * K + k0 + c)
+                                             : make_uint4(0, 0, 0, 0);
+    }
+    mr.load(mt, e, q0, r, k0, K);
+  };
 
   FragC acc[kRank / 16];
 #pragma unroll
   for (int f = 0; f < kRank / 16; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  load(0);
   for (int k0 = 0; k0 < K; k0 += kStep) {
-    for (int i = threadIdx.x; i < kTileRows * kStep / 8; i += kThreads) {
-      const int row = i / (kStep / 8), c = i % (kStep / 8) * 8;
-      uint4 v = make_uint4(0, 0, 0, 0);
-      if (row < tile.count && k0 + c < K) v = *reinterpret_cast<const uint4*>(x + int64_t(tile.begin + row) * K + k0 + c);
-      *reinterpret_cast<uint4*>(xs + row * kLd + c) = v;
+#pragma unroll
+    for (int j = 0; j < kXPieces; ++j) {
+      const int i = threadIdx.x + j * kThreads, row = i / (kStep / 8), c = i % (kStep / 8) * 8;
+      *reinterpret_cast<uint4*>(xs + row * kLd + c) = xr[j];
     }
-    // ms[q][c] = m_e(k0 + c, q0 + q): m with its two indices swapped, staged as [rank][K].
-    stage_rank_operand<kRank, kStep>(ms, kLd, RankOperand<const bf16>{m.data, m.stride_e, m.stride_q, m.stride_c}, e,
-                                     q0, r, k0, K);
+    mr.store(ms, kLd, mt.stride_q == 1);
     __syncthreads();
+    if (k0 + kStep < K) load(k0 + kStep);
 #pragma unroll
     for (int kk = 0; kk < kStep; kk += 16) {
       FragA a;
@@ -197,7 +265,7 @@ __global__ void __launch_bounds__(kThreads) lora_project_kernel(bf16* u, const b
 template <int kRank>
 __global__ void __launch_bounds__(kThreads) lora_weight_grad_kernel(RankOperand<float> grad, const bf16* p, int width,
                                                                     const bf16* q, int r, float alpha,
-                                                                    const int32_t* offsets) {
+                                                                    ExpertRows experts) {
   constexpr int kStep = 32;
   constexpr int kLdP = kTileCols + 8;
   constexpr int kLdQ = kRank + 8;
@@ -205,8 +273,8 @@ __global__ void __launch_bounds__(kThreads) lora_weight_grad_kernel(RankOperand<
   __shared__ alignas(128) bf16 ps[kStep * kLdP];
   __shared__ alignas(128) bf16 qs[kStep * kLdQ];
   __shared__ alignas(128) float out[kTileCols * kLdOut];
-  const int e = blockIdx.y, c0 = blockIdx.x * kTileCols, q0 = blockIdx.z * kRank;
-  const int begin = offsets[e], end = offsets[e + 1];
+  const int e = experts.first + blockIdx.y, c0 = blockIdx.x * kTileCols, q0 = blockIdx.z * kRank;
+  const int begin = experts.offsets[e], end = experts.offsets[e + 1];
   if (begin == end) return;
   const int warp = threadIdx.x / 32;
   const bf16 zero = __float2bfloat16_rn(0.0f);
@@ -355,39 +423,50 @@ struct SwigluBackwardFinish {
 
 // grid (row tiles, experts, feature tiles). Stages the acc tile in shared memory, adds the
 // rank-r update (kRank > 0: its rank tile; the update's rank runs in chunks of it) with WMMA,
-// then hands the tile to `finish`.
+// then hands the tile to `finish`. The first chunk's u and l tiles are loaded together with the
+// acc tile (one round trip to memory), each next chunk's while the current one is multiplied.
 template <int kRank, class Finish>
-__global__ void __launch_bounds__(kThreads) expert_epilogue_kernel(const float* acc, int width, LowRankUpdate update,
-                                                                   const int32_t* offsets, Finish finish) {
+__global__ void __launch_bounds__(kThreads, 4) expert_epilogue_kernel(const float* acc, int width, LowRankUpdate update,
+                                                                   ExpertRows experts, Finish finish) {
   constexpr int kLd = kTileCols + 4;  // fp32
   __shared__ alignas(128) float tile[kTileRows * kLd];
-  const int e = blockIdx.y, c0 = blockIdx.z * kTileCols;
-  const RowTile rows = row_tile(offsets, e, blockIdx.x);
+  const int e = experts.first + blockIdx.y, c0 = blockIdx.z * kTileCols;
+  const RowTile rows = row_tile(experts.offsets, e, blockIdx.x);
   if (rows.count <= 0) return;
-  for (int i = threadIdx.x; i < kTileRows * kTileCols / 4; i += kThreads) {
-    const int row = i / (kTileCols / 4), c = i % (kTileCols / 4) * 4;
-    float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    if (row < rows.count && c0 + c < width) v = *reinterpret_cast<const float4*>(acc + int64_t(rows.begin + row) * width + c0 + c);
-    *reinterpret_cast<float4*>(tile + row * kLd + c) = v;
-  }
-  if constexpr (kRank > 0) {
+  auto load_tile = [&] {
+#pragma unroll 4
+    for (int i = threadIdx.x; i < kTileRows * kTileCols / 4; i += kThreads) {
+      const int row = i / (kTileCols / 4), c = i % (kTileCols / 4) * 4;
+      float4 v = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      if (row < rows.count && c0 + c < width) v = *reinterpret_cast<const float4*>(acc + int64_t(rows.begin + row) * width + c0 + c);
+      *reinterpret_cast<float4*>(tile + row * kLd + c) = v;
+    }
+  };
+  if constexpr (kRank == 0) {
+    load_tile();
+  } else {
     constexpr int kLdR = kRank + 8;  // bf16
     __shared__ alignas(128) bf16 us[kTileRows * kLdR];  // u rows (A, row-major)
     __shared__ alignas(128) bf16 ls[kTileCols * kLdR];  // ls[c][q] = l_e(c0 + c, q): B (q x c), col-major
     const int warp = threadIdx.x / 32;
-    const bf16 zero = __float2bfloat16_rn(0.0f);
+    // u [rows, r] as a rank operand over the row index.
+    const RankOperand<const bf16> u_rows{update.u, 0, update.r, 1};
+    RankTile<kTileRows, kRank> ur;
+    RankTile<kTileCols, kRank> lr;
+    ur.load(u_rows, 0, rows.begin, rows.begin + rows.count, 0, update.r);
+    lr.load(update.l, e, c0, width, 0, update.r);
+    load_tile();
     FragC delta[kTileCols / 16];
 #pragma unroll
     for (int f = 0; f < kTileCols / 16; ++f) wmma::fill_fragment(delta[f], 0.0f);
     for (int q0 = 0; q0 < update.r; q0 += kRank) {
-      __syncthreads();  // the previous chunk's fragments are loaded
-      for (int i = threadIdx.x; i < kTileRows * kRank; i += kThreads) {
-        const int row = i / kRank, q = i % kRank;
-        us[row * kLdR + q] =
-            row < rows.count && q0 + q < update.r ? update.u[int64_t(rows.begin + row) * update.r + q0 + q] : zero;
-      }
-      stage_rank_operand<kTileCols, kRank>(ls, kLdR, update.l, e, c0, width, q0, update.r);
+      ur.store(us, kLdR, true);
+      lr.store(ls, kLdR, update.l.stride_q == 1);
       __syncthreads();
+      if (q0 + kRank < update.r) {
+        ur.load(u_rows, 0, rows.begin, rows.begin + rows.count, q0 + kRank, update.r);
+        lr.load(update.l, e, c0, width, q0 + kRank, update.r);
+      }
 #pragma unroll
       for (int kk = 0; kk < kRank; kk += 16) {
         FragA a;
@@ -399,8 +478,9 @@ __global__ void __launch_bounds__(kThreads) expert_epilogue_kernel(const float* 
           wmma::mma_sync(delta[f], a, b, delta[f]);
         }
       }
+      __syncthreads();  // us, ls are read before the next chunk overwrites them
     }
-    __syncthreads();  // every thread's tile stores are visible
+    // The loop's barriers also made every thread's tile stores visible.
 #pragma unroll
     for (int f = 0; f < kTileCols / 16; ++f) {
       FragC c;
@@ -421,10 +501,10 @@ void launch_epilogue(const float* acc, int width, const LowRankUpdate& update, c
   if (rows.max_rows <= 0) return;
   const dim3 grid(ceil_div(rows.max_rows, kTileRows), unsigned(rows.experts), ceil_div(width, kTileCols));
   if (update.u == nullptr || update.r <= 0) {
-    expert_epilogue_kernel<0><<<grid, kThreads, 0, stream>>>(acc, width, update, rows.offsets, finish);
+    expert_epilogue_kernel<0><<<grid, kThreads, 0, stream>>>(acc, width, update, rows, finish);
   } else {
     with_rank_tile(update.r, [&]<int kRank>() {
-      expert_epilogue_kernel<kRank><<<grid, kThreads, 0, stream>>>(acc, width, update, rows.offsets, finish);
+      expert_epilogue_kernel<kRank><<<grid, kThreads, 0, stream>>>(acc, width, update, rows, finish);
     });
   }
   OSSRL_CUDA_CHECK_LAUNCH();
@@ -511,10 +591,10 @@ void gather_rows(bf16* xs, int32_t* position, const bf16* xn, const int32_t* sor
 
 void decode_mxfp4_experts(bf16* stage, const ExpertWeights& w, const StageList& list, cudaStream_t stream) {
   if (list.count <= 0) return;
-  constexpr int kBlock = 256;
-  const int64_t blocks_per_expert = int64_t(w.out) * (w.in / 32);
-  const dim3 grid(ceil_div(blocks_per_expert, kBlock), unsigned(list.count));
-  decode_mxfp4_kernel<<<grid, kBlock, 0, stream>>>(stage, w.blocks, w.scales, blocks_per_expert, list);
+  const int64_t words_per_expert = int64_t(w.out) * (w.in / 8);
+  const dim3 grid(ceil_div(words_per_expert, kDecodeThreads * kDecodeWords), unsigned(list.count));
+  decode_mxfp4_kernel<<<grid, kDecodeThreads, 0, stream>>>(stage, reinterpret_cast<const uint32_t*>(w.blocks), w.scales,
+                                                          words_per_expert, list);
   OSSRL_CUDA_CHECK_LAUNCH();
 }
 
@@ -523,7 +603,7 @@ void lora_project(bf16* u, const bf16* x, int K, RankOperand<const bf16> m, int 
   if (rows.max_rows <= 0 || r <= 0) return;
   with_rank_tile(r, [&]<int kRank>() {
     const dim3 grid(ceil_div(rows.max_rows, kTileRows), unsigned(rows.experts), ceil_div(r, kRank));
-    lora_project_kernel<kRank><<<grid, kThreads, 0, stream>>>(u, x, K, m, r, alpha, rows.offsets);
+    lora_project_kernel<kRank><<<grid, kThreads, 0, stream>>>(u, x, K, m, r, alpha, rows);
   });
   OSSRL_CUDA_CHECK_LAUNCH();
 }
@@ -533,7 +613,7 @@ void lora_weight_grad(RankOperand<float> grad, const bf16* p, int width, const b
   if (rows.max_rows <= 0 || r <= 0) return;
   with_rank_tile(r, [&]<int kRank>() {
     const dim3 grid(ceil_div(width, kTileCols), unsigned(rows.experts), ceil_div(r, kRank));
-    lora_weight_grad_kernel<kRank><<<grid, kThreads, 0, stream>>>(grad, p, width, q, r, alpha, rows.offsets);
+    lora_weight_grad_kernel<kRank><<<grid, kThreads, 0, stream>>>(grad, p, width, q, r, alpha, rows);
   });
   OSSRL_CUDA_CHECK_LAUNCH();
 }

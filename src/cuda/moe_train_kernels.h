@@ -19,12 +19,14 @@
 
 namespace ossrl::cuda::moe_train {
 
-// Expert e's rows: device offsets [experts + 1]; max_rows (the most rows of one expert, known
-// on the host) sizes the grids.
+// The experts a launch covers, first .. first + experts - 1, and where their rows are: device
+// offsets [all experts + 1]; max_rows (the most rows of one of them, known on the host) sizes
+// the grids.
 struct ExpertRows {
   const int32_t* offsets = nullptr;
   int experts = 0;
   int max_rows = 0;
+  int first = 0;
 };
 
 // One expert factor of an adapter read as l_e(c, q): c along the projection's features, q < r

@@ -61,10 +61,11 @@ class MoeTrainBlock {
   void forward(Blas& blas, float* residual, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
                const DeviceAdapter* gate_up, const DeviceAdapter* down);
 
-  // Backward of the last forward (same xn, n, weights and adapters): dxn [n, hidden] fp32 is
-  // overwritten with dL/dxn given dout [n, hidden] fp32 = dL/d(block output), through the
-  // experts and their adapters and through the k softmax weights into the router logits
-  // (the choice of experts is not differentiated). Accumulates (+=) the adapters' grads.
+  // Backward of the last forward (same xn, n, weights and adapters): dxn [n, hidden] fp32
+  // (16-byte aligned) is overwritten with dL/dxn given dout [n, hidden] fp32 = dL/d(block
+  // output), through the experts and their adapters and through the k softmax weights into the
+  // router logits (the choice of experts is not differentiated). Accumulates (+=) the adapters'
+  // grads. xn's rows are read from the copy the forward gathered, so xn must not have changed.
   void backward(Blas& blas, float* dxn, const float* dout, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
                 const DeviceAdapter* gate_up, const DeviceAdapter* down);
 

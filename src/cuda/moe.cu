@@ -28,10 +28,19 @@
 //
 // LoRA. An expert adapter extends the reduction: after the last K tile, r more k steps (padded
 // to 16) multiply B_e's rows (the same weight rows, permuted as above) by the slots' u =
-// scale · act · A_eᵀ (written in slot order by expert_lora_u_kernel), so the update lands in
-// the accumulators before the epilogue. Its fragments come straight from global memory: r is
-// small, and B_e's rows for a CTA are read once. The extension is a template flag, so the
-// kernels without an adapter (the rollout hot path) compile exactly as before.
+// scale · act · A_eᵀ, so the update lands in the accumulators before the epilogue. Its
+// fragments come straight from global memory: r is small, and B_e's rows for a CTA are read
+// once. The extension is a template flag, so the kernels without an adapter (the rollout hot
+// path) compile exactly as before.
+//
+// u is a grouped [slots, in] x [in, r] product written in slot order by expert_lora_u_kernel
+// before the matmul: per CTA one tile of an expert's slots and 16 ranks, `in` split over 16
+// warps that load their mma fragments straight from global memory in 16-byte pieces (as
+// cuda/gemv.cu does: one look at each activation and A value, no staging), summed over the
+// warps in a fixed order. Its cost is one round trip to memory at decode and a read of the
+// activations at prefill, and the matmul hides it: it is launched as the u kernel's
+// programmatic dependent (PDL), streams its weights while u is computed, and waits for u
+// (griddepcontrol.wait) only where the extension reads it.
 #include "cuda/moe.h"
 
 #include <algorithm>
@@ -475,6 +484,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   // LoRA: the reduction continues over the adapter's r (see the top of the file), in the
   // standard m16n8k16 fragment layout (k pairs 2t, 2t+1 and 2t+8, 2t+9).
   if constexpr (kLora) {
+    // u is the u kernel's output, this grid's programmatic dependency (see the top of the file).
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
     const int r = lora.r;
     const __nv_bfloat16* b_expert = lora.b + size_t(tile.expert) * out * r;
     for (int k0 = 0; k0 < r; k0 += 16) {
@@ -534,62 +545,129 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   }
 }
 
+// ---- expert LoRA: u = scale · act · A_eᵀ
+
+// 16 bytes of read-only global memory, or zeros where !valid (then nothing is read). Not
+// volatile: the loads of a batch may be scheduled together, ahead of their mmas.
+__device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid) {
+  uint4 v;
+  asm("{\n"
+      " .reg .pred p;\n"
+      " setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(int(valid)));
+  return v;
+}
+
+// A CTA of the u kernel: kSlotTiles 8-slot mma columns of one expert's slots x 16 ranks (one
+// mma row tile; grid.y walks r in 16s). kWarps warps split `in`: warp w takes the 32-wide
+// blocks w, w + kWarps, ..., loading kBatch blocks' fragments before their mmas.
+template <int kSlotTiles_, int kWarps_, int kBatch_>
+struct LoraUTiling {
+  static constexpr int kSlotTiles = kSlotTiles_, kWarps = kWarps_, kBatch = kBatch_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSlots = 8 * kSlotTiles;
+};
+
+struct LoraUArgs {
+  __nv_bfloat16* u;                   // [slots, r]
+  const __nv_bfloat16* act;           // [rows, in]
+  const int32_t* sorted_assignments;  // gate_up: slot j reads act row sorted_assignments[j] / k
+  const int32_t* expert_offsets;
+  const __nv_bfloat16* a;             // [experts, r, in]
+  int k, experts, r, in;
+  float scale;
+};
+
 // u [slots, r] bf16 = scale · act[row(j)] · A_eᵀ for each slot j, e the expert whose range of
 // expert_offsets holds j; row(j) = sorted_assignments[j] / k when kGather (gate_up reads x by
 // token), else j (down reads h in slot order). act [rows, in], A [experts, r, in] bf16, in a
-// multiple of 8. One warp per slot: lanes take 8 consecutive values of `in` at a stride of 256,
-// kLoraRanksPerPass rows of A per pass over the slot's activation row, then a warp reduction
-// per rank.
-constexpr int kLoraRanksPerPass = 8;
-constexpr int kLoraWarps = 8;
+// multiple of 32, both 16-byte aligned. Lane (g, t) loads A rows g, g + 8 of the CTA's ranks
+// and the activations of slot g + 8 ni at k = 32 kb + 8t .. +7: entries of two mmas, mapped to
+// the fragments' k positions as in cuda/gemv.cu (A and B alike, so the dot products are exact
+// sums of the same terms). The warps' partial tiles are summed in shared memory in warp order
+// (deterministic), scaled and rounded to bf16 once.
+template <class U, bool kGather>
+__global__ void __launch_bounds__(U::kThreads) expert_lora_u_kernel(const LoraUArgs args) {
+  // The matmul that reads u may start now: it streams its weights meanwhile and waits for this
+  // grid (griddepcontrol.wait) before its extension.
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  __shared__ SlotTile s_tile;
+  __shared__ float s_partial[U::kWarps][U::kSlotTiles][4][32];  // each warp's accumulators, lane-minor
 
-template <bool kGather>
-__global__ void __launch_bounds__(32 * kLoraWarps) expert_lora_u_kernel(
-    __nv_bfloat16* u, const __nv_bfloat16* act, const int32_t* sorted_assignments, const int32_t* expert_offsets,
-    int slots, int k, int experts, const __nv_bfloat16* a, int r, int in, float scale) {
-  const int j = blockIdx.x * kLoraWarps + int(threadIdx.x) / 32, lane = threadIdx.x & 31;
-  if (j >= slots) return;
-  // The expert e with offsets[e] <= j < offsets[e + 1] (offsets[0] = 0, offsets[experts] = slots).
-  int lo = 0, hi = experts;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (expert_offsets[mid] <= j) {
-      lo = mid;
-    } else {
-      hi = mid;
-    }
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (warp == 0) {
+    const SlotTile tile = locate_tile<U::kSlots>(args.expert_offsets, args.experts, blockIdx.x, lane);
+    if (lane == 0) s_tile = tile;
   }
-  const int row = kGather ? sorted_assignments[j] / k : j;
-  const __nv_bfloat16* x = act + size_t(row) * in;
-  const __nv_bfloat16* a_expert = a + size_t(lo) * r * in;
-  for (int q0 = 0; q0 < r; q0 += kLoraRanksPerPass) {
-    float acc[kLoraRanksPerPass] = {};
-    for (int i = 8 * lane; i < in; i += 8 * 32) {
-      const uint4 xv = *reinterpret_cast<const uint4*>(x + i);
-      const __nv_bfloat162* xp = reinterpret_cast<const __nv_bfloat162*>(&xv);
-      float2 xf[4];
+  __syncthreads();
+  const SlotTile tile = s_tile;
+  if (tile.rows == 0) return;  // the grid is a bound on the tile count
+
+  const int g = lane >> 2, t = lane & 3;
+  const int in = args.in, r = args.r, nblocks = in / kBlockValues;
+  const int rank0 = int(blockIdx.y) * 16 + g;  // this lane's A rows: rank0, rank0 + 8
+  const __nv_bfloat16* a_rows[2];
+  bool a_valid[2];
 #pragma unroll
-      for (int c = 0; c < 4; ++c) xf[c] = __bfloat1622float2(xp[c]);
+  for (int h = 0; h < 2; ++h) {
+    a_valid[h] = rank0 + 8 * h < r;
+    a_rows[h] = args.a + (size_t(tile.expert) * r + (a_valid[h] ? rank0 + 8 * h : 0)) * in + 8 * t;
+  }
+  const __nv_bfloat16* x_rows[U::kSlotTiles];
+  bool x_valid[U::kSlotTiles];
 #pragma unroll
-      for (int q = 0; q < kLoraRanksPerPass; ++q) {
-        if (q0 + q >= r) break;
-        const uint4 av = *reinterpret_cast<const uint4*>(a_expert + size_t(q0 + q) * in + i);
-        const __nv_bfloat162* ap = reinterpret_cast<const __nv_bfloat162*>(&av);
+  for (int ni = 0; ni < U::kSlotTiles; ++ni) {
+    const int slot = g + 8 * ni;
+    x_valid[ni] = slot < tile.rows;
+    const int j = tile.begin + (x_valid[ni] ? slot : 0);
+    x_rows[ni] = args.act + size_t(kGather ? args.sorted_assignments[j] / args.k : j) * in + 8 * t;
+  }
+
+  float acc[U::kSlotTiles][4] = {};
+  for (int kb0 = warp; kb0 < nblocks; kb0 += U::kWarps * U::kBatch) {
+    uint4 a[U::kBatch][2], x[U::kBatch][U::kSlotTiles];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const float2 af = __bfloat1622float2(ap[c]);
-          acc[q] = fmaf(xf[c].x, af.x, fmaf(xf[c].y, af.y, acc[q]));
-        }
+    for (int i = 0; i < U::kBatch; ++i) {
+      const int kb = kb0 + i * U::kWarps;
+      const size_t offset = size_t(kb) * kBlockValues;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) a[i][h] = load16_or_zero(a_rows[h] + offset, kb < nblocks && a_valid[h]);
+#pragma unroll
+      for (int ni = 0; ni < U::kSlotTiles; ++ni) {
+        x[i][ni] = load16_or_zero(x_rows[ni] + offset, kb < nblocks && x_valid[ni]);
       }
     }
-    float mine = 0.0f;  // lane q keeps rank q0 + q's sum
 #pragma unroll
-    for (int q = 0; q < kLoraRanksPerPass; ++q) {
+    for (int i = 0; i < U::kBatch; ++i) {
+      if (kb0 + i * U::kWarps >= nblocks) break;  // warp-uniform
+      const uint32_t a_lo[4] = {a[i][0].x, a[i][1].x, a[i][0].y, a[i][1].y};
+      const uint32_t a_hi[4] = {a[i][0].z, a[i][1].z, a[i][0].w, a[i][1].w};
 #pragma unroll
-      for (int d = 16; d > 0; d /= 2) acc[q] += __shfl_xor_sync(0xffffffffu, acc[q], d);
-      if (lane == q) mine = acc[q];
+      for (int ni = 0; ni < U::kSlotTiles; ++ni) {
+        mma_bf16(acc[ni], a_lo, x[i][ni].x, x[i][ni].y);
+        mma_bf16(acc[ni], a_hi, x[i][ni].z, x[i][ni].w);
+      }
     }
-    if (lane < kLoraRanksPerPass && q0 + lane < r) u[size_t(j) * r + q0 + lane] = __float2bfloat16_rn(scale * mine);
+  }
+
+#pragma unroll
+  for (int ni = 0; ni < U::kSlotTiles; ++ni)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s_partial[warp][ni][i][lane] = acc[ni][i];
+  __syncthreads();
+  // Element (ni, i) of lane l: rank 16 blockIdx.y + l / 4 + 8 (i / 2), slot 8 ni + 2 (l % 4) + i % 2.
+  for (int e = tid; e < U::kSlotTiles * 4 * 32; e += U::kThreads) {
+    const int l = e % 32, i = e / 32 % 4, ni = e / 128;
+    const int rank = int(blockIdx.y) * 16 + l / 4 + 8 * (i / 2), slot = 8 * ni + 2 * (l % 4) + i % 2;
+    if (rank >= r || slot >= tile.rows) continue;
+    float sum = 0.0f;
+#pragma unroll
+    for (int w = 0; w < U::kWarps; ++w) sum += s_partial[w][ni][i][l];
+    args.u[size_t(tile.begin + slot) * r + rank] = __float2bfloat16_rn(args.scale * sum);
   }
 }
 
@@ -630,8 +708,19 @@ void check_weights(const ExpertWeights& w) {
     fail_shape("moe: expert weights missing (MXFP4 blocks/scales or bf16 dense)");
 }
 
+template <class U, bool kGather>
+void launch_lora_u(const LoraUArgs& args, int slots, cudaStream_t stream) {
+  const int64_t tiles = (int64_t(slots) + U::kSlots - 1) / U::kSlots + std::min(args.experts, slots);
+  const dim3 grid(unsigned(tiles), unsigned((args.r + 15) / 16));
+  expert_lora_u_kernel<U, kGather><<<grid, U::kThreads, 0, stream>>>(args);
+  OSSRL_CUDA_CHECK_LAUNCH();
+}
+
 // For an active adapter: checks it against the experts, writes u (expert_lora_u_kernel) and
-// returns B and u for the matmul; for a null or inactive one, nothing (b null).
+// returns B and u for the matmul; for a null or inactive one, nothing (b null). u's tiles:
+// decode (a few slots per expert) one 8-slot column, its 16 warps each loading at most 6 of
+// in = 2880's 90 blocks, all at once (one round trip); prefill 32 slots a CTA (A_e is read
+// once per 32 slots, and 3 blocks' fragments fill 72 registers).
 template <bool kGather>
 LoraArgs prepare_lora(const MatmulArgs& args, const DeviceAdapter* lora, __nv_bfloat16* lora_u, int n_tokens,
                       cudaStream_t stream) {
@@ -644,10 +733,13 @@ LoraArgs prepare_lora(const MatmulArgs& args, const DeviceAdapter* lora, __nv_bf
   if ((reinterpret_cast<uintptr_t>(lora->a16) & 15) != 0 || (reinterpret_cast<uintptr_t>(args.act) & 15) != 0)
     fail_shape("moe: an expert adapter's bf16 A and the activations must be 16-byte aligned");
   const int slots = n_tokens * args.k;
-  expert_lora_u_kernel<kGather><<<unsigned((slots + kLoraWarps - 1) / kLoraWarps), 32 * kLoraWarps, 0, stream>>>(
-      lora_u, args.act, args.sorted_assignments, args.expert_offsets, slots, args.k, w.experts, lora->a16, lora->r,
-      w.in, lora->scale);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  const LoraUArgs u_args{lora_u, args.act, args.sorted_assignments, args.expert_offsets, lora->a16,
+                         args.k,  w.experts, lora->r, w.in, lora->scale};
+  if ((int64_t(slots) + w.experts - 1) / w.experts <= 8) {
+    launch_lora_u<LoraUTiling<1, 16, 6>, kGather>(u_args, slots, stream);
+  } else {
+    launch_lora_u<LoraUTiling<4, 16, 3>, kGather>(u_args, slots, stream);
+  }
   return LoraArgs{lora->b16, lora_u, lora->r};
 }
 
@@ -659,9 +751,18 @@ void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaS
   // Every expert with rows adds at most one partial tile.
   const int64_t tiles = (int64_t(assignments) + T::kRowsX - 1) / T::kRowsX + std::min(args.w.experts, assignments);
   if (tiles > 65535) fail_shape("moe: too many assignments for one launch (grid.y > 65535)");
-  const dim3 grid(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles));
-  kernel<<<grid, T::kThreads, smem, stream>>>(args, lora);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles));
+  config.blockDim = dim3(unsigned(T::kThreads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  // With an adapter: the u kernel's programmatic dependent (see the top of the file).
+  cudaLaunchAttribute overlap{};
+  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap.val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = &overlap;
+  config.numAttrs = kLora ? 1 : 0;
+  OSSRL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args, lora));
 }
 
 // Tile shapes by the mean number of rows per expert, the fastest measured on an H100

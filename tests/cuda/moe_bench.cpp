@@ -1,10 +1,14 @@
 // Times the MoE expert kernels (cuda/moe.h) at gpt-oss-20b's shape (hidden 2880, intermediate
 // 2880, 32 experts, top-4) with random weights and random routing, from batch-1 decode to
 // prefill: per call time, weight bandwidth (bytes of the experts that got rows, each read once)
-// against 3.0 TB/s, and tensor throughput. As in the engine, where each layer brings new
-// weights, consecutive calls cycle through kLayers copies of the weights (together far larger
-// than L2), so every call reads its weights from DRAM; calls run back to back on one stream. Usage: moe_bench [iterations [mxfp4|bf16|all [tokens...]]]   (default: 20 all,
-// tokens 1 8 64 256 4096 16384)
+// against 3.0 TB/s, and tensor throughput; then the same calls with a rank-16 adapter on every
+// expert of both projections (the policy's LoRA in rollouts: u = scale · act · A_eᵀ, then the
+// matmul extended by B_e), as time and as the increase over the call without it. As in the
+// engine, where each layer brings new weights (and adapters), consecutive calls cycle through
+// kLayers copies of them (together far larger than L2), so every call reads its weights from
+// DRAM; calls run back to back on one stream.
+// Usage: moe_bench [iterations [mxfp4|bf16|all [tokens...]]]   (default: 20 all, tokens 1 8 64
+// 256 4096 16384)
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,6 +32,7 @@ namespace {
 
 constexpr int kHidden = 2880, kIntermediate = 2880, kExperts = 32, kTopK = 4;
 constexpr int kLayers = 4;
+constexpr int kLoraRank = 16;
 constexpr double kPeakBytesPerSecond = 3.0e12;
 
 std::vector<uint8_t> random_bytes(size_t n, std::mt19937_64& rng) {
@@ -94,6 +99,35 @@ struct DeviceExperts {
   }
 };
 
+// One projection's per-expert adapters, rank kLoraRank, bf16 A [experts, r, in] and B
+// [experts, out, r] (cuda/lora.h's layout), kLayers copies; values do not matter to the time.
+struct DeviceExpertAdapters {
+  cuda::DeviceBuffer<uint16_t> a, b;
+  cuda::DeviceAdapter layer[kLayers];
+
+  DeviceExpertAdapters(int out, int in, std::mt19937_64& rng) {
+    std::uniform_real_distribution<float> dist(-0.02f, 0.02f);
+    auto values = [&](size_t n) {
+      std::vector<uint16_t> v(n);
+      for (uint16_t& x : v) x = f32_to_bf16(dist(rng));
+      return v;
+    };
+    const size_t a_count = size_t(kExperts) * kLoraRank * in, b_count = size_t(kExperts) * out * kLoraRank;
+    a = DeviceExperts::layered(values(a_count), "lora A");
+    b = DeviceExperts::layered(values(b_count), "lora B");
+    for (int l = 0; l < kLayers; ++l) {
+      cuda::DeviceAdapter& ad = layer[l];
+      ad.experts = kExperts;
+      ad.r = kLoraRank;
+      ad.in = in;
+      ad.out = out;
+      ad.scale = 2.0f;
+      ad.a16 = reinterpret_cast<__nv_bfloat16*>(a.data()) + size_t(l) * a_count;
+      ad.b16 = reinterpret_cast<__nv_bfloat16*>(b.data()) + size_t(l) * b_count;
+    }
+  }
+};
+
 // Mean seconds per call of call(layer) over `iterations` back-to-back calls cycling through
 // the layers, after a warm-up pass over all of them.
 template <class Call>
@@ -117,11 +151,13 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
   std::mt19937_64 rng(1);
   DeviceExperts gate_up(mxfp4, 2 * kIntermediate, kHidden, rng);
   DeviceExperts down(mxfp4, kHidden, kIntermediate, rng);
+  DeviceExpertAdapters lora_gate_up(2 * kIntermediate, kHidden, rng), lora_down(kHidden, kIntermediate, rng);
 
   std::printf("\n%s experts, hidden %d, intermediate %d, %d experts, top-%d; mean of %d calls over %d layers\n",
               mxfp4 ? "MXFP4" : "bf16", kHidden, kIntermediate, kExperts, kTopK, iterations, kLayers);
-  std::printf("%7s %7s %7s | %9s %8s %7s %8s | %9s %8s %7s %8s\n", "tokens", "rows", "experts", "gate_up us",
-              "GB/s", "%3TB/s", "TFLOP/s", "down us", "GB/s", "%3TB/s", "TFLOP/s");
+  std::printf("%7s %7s %7s | %9s %8s %7s %8s | %9s %8s %7s %8s | %21s %21s\n", "tokens", "rows", "experts",
+              "gate_up us", "GB/s", "%3TB/s", "TFLOP/s", "down us", "GB/s", "%3TB/s", "TFLOP/s",
+              "gate_up+LoRA16 us", "down+LoRA16 us");
   for (int tokens : token_counts) {
     const int rows = tokens * kTopK;
     // Random top-4 routing, grouped by expert as cuda/router.h does.
@@ -150,6 +186,8 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
     cuda::DeviceBuffer<uint16_t> h(size_t(rows) * kIntermediate, "h");
     OSSRL_CUDA_CHECK(cudaMemset(h.data(), 0, h.bytes()));
     cuda::DeviceBuffer<float> y(size_t(rows) * kHidden, "y");
+    cuda::DeviceBuffer<uint16_t> lora_u(size_t(rows) * kLoraRank, "lora u");
+    auto* up = reinterpret_cast<__nv_bfloat16*>(lora_u.data());
     auto* hp = reinterpret_cast<__nv_bfloat16*>(h.data());
     const auto* xp = reinterpret_cast<const __nv_bfloat16*>(x.data());
 
@@ -164,6 +202,18 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
           cuda::moe_down(y.data(), hp, d_sorted.data(), d_offsets.data(), tokens, kTopK, down.layer[l], nullptr);
         },
         iterations);
+    const double tg_lora = time_calls(
+        [&](int l) {
+          cuda::moe_gate_up_swiglu(hp, xp, d_sorted.data(), d_offsets.data(), tokens, kTopK, gate_up.layer[l], 7.0f,
+                                   nullptr, &lora_gate_up.layer[l], up);
+        },
+        iterations);
+    const double td_lora = time_calls(
+        [&](int l) {
+          cuda::moe_down(y.data(), hp, d_sorted.data(), d_offsets.data(), tokens, kTopK, down.layer[l], nullptr,
+                         &lora_down.layer[l], up);
+        },
+        iterations);
     OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
 
     auto report = [&](double seconds, const DeviceExperts& w, int out, int in) {
@@ -175,7 +225,8 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
     std::printf("%7d %7d %7d |", tokens, rows, hit);
     report(tg, gate_up, 2 * kIntermediate, kHidden);
     report(td, down, kHidden, kIntermediate);
-    std::printf("\n");
+    std::printf(" %9.1f (%+8.1f) %9.1f (%+8.1f)\n", tg_lora * 1e6, (tg_lora - tg) * 1e6, td_lora * 1e6,
+                (td_lora - td) * 1e6);
   }
 }
 

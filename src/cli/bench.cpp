@@ -354,7 +354,14 @@ Command add_bench(CLI::App& app) {
                     "Also time each op class of eager decode steps (CUDA events) against the bytes it moves");
   command->add_option("--seed", args->seed, "Seed of the weights, prompts and sampling")->capture_default_str();
   command->add_option("--json", args->json_path, "Also write the rows to this JSON file");
-  return [args] { run(*args); };
+  const Command train = add_bench_train(*bench);
+  return [args, command, train] {
+    if (command->parsed()) {
+      run(*args);
+    } else {
+      train();
+    }
+  };
 }
 
 }  // namespace ossrl::cli

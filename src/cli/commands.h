@@ -17,7 +17,9 @@ Command add_grad(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_plot(CLI::App& app);
 Command add_reward(CLI::App& app);
-// `bench generate`; registered only in CUDA builds.
+// `bench generate` and `bench train`; registered only in CUDA builds.
 Command add_bench(CLI::App& app);
+// `bench train` under the `bench` command (cli/bench_train.cpp).
+Command add_bench_train(CLI::App& bench);
 
 }  // namespace ossrl::cli

@@ -8,12 +8,18 @@
 #include <memory>
 
 #include "cli/commands.h"
+#include "cli/device_model.h"
 #include "cli/options.h"
 #include "core/error.h"
 #include "model/cpu_model.h"
 #include "train/batch_grad.h"
 #include "train/peft_adapter.h"
 #include "train/policy.h"
+#if OSSRL_HAVE_CUDA
+#include "engine/cuda_model.h"
+#include "train/cuda_lora.h"
+#include "train/cuda_policy.h"
+#endif
 
 namespace ossrl::cli {
 
@@ -28,7 +34,27 @@ struct GradArgs {
   std::optional<double> epsilon_high, delta;
   GrpoLossConfig grpo;
   std::string output;
+  std::string device = "cpu";
 };
+
+// The batch's gradients on the GPU: the checkpoint uploaded, the adapter as a DeviceLora,
+// the grads brought back into `lora` for writing.
+BatchGrad gpu_batch_grad(const std::string& model_dir, Lora& lora, const CompletionBatch& batch, const LossSpec& spec) {
+#if OSSRL_HAVE_CUDA
+  const std::unique_ptr<CudaModel> model = CudaModel::load(model_dir);
+  DeviceLora device_lora(model->weights(), lora.config());
+  device_lora.upload(lora);
+  CudaPolicyOptions options;
+  options.max_tokens = 0;
+  for (const CompletionSequence& s : batch.sequences) options.max_tokens += int(s.prompt.size() + s.completion.size());
+  CudaPolicy policy(*model, &device_lora, options);
+  BatchGrad result = batch_grad(policy, batch, spec);
+  device_lora.download_grads(lora);
+  return result;
+#else
+  fail("--device cuda: this ossrl was built without CUDA");
+#endif
+}
 
 void run(GradArgs& args) {
   const auto start = std::chrono::steady_clock::now();
@@ -42,8 +68,13 @@ void run(GradArgs& args) {
   const CpuModel model(args.model_dir);
   Lora lora = load_peft_adapter(model.config(), model.weights(), args.adapter_dir);
   const CompletionBatch batch = read_completion_batch(args.batch, model.config().vocab_size);
-  Policy policy(model, &lora);
-  const BatchGrad result = batch_grad(policy, batch, spec);
+  BatchGrad result;
+  if (resolve_device(args.device) == "cuda") {
+    result = gpu_batch_grad(args.model_dir, lora, batch, spec);
+  } else {
+    Policy policy(model, &lora);
+    result = batch_grad(policy, batch, spec);
+  }
   write_batch_grad(args.output, lora, result);
 
   const std::vector<PeftTensor> grads = peft_tensors(lora, LoraField::Grad);
@@ -86,6 +117,9 @@ Command add_grad(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   command->add_option("--output", args->output, "Output safetensors: grads, loss, log_probs")->required();
+  command->add_option("--device", args->device, "cpu (the reference) or cuda (the GPU training path)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"cpu", "cuda"}));
   return [args] { run(*args); };
 }
 

@@ -22,6 +22,18 @@ void fail_allocation(size_t bytes, const char* what, cudaError_t status) {
        cudaGetErrorString(status));
 }
 
+size_t memory_in_use() {
+  size_t free_bytes = 0, total_bytes = 0;
+  OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return total_bytes - free_bytes;
+}
+
+size_t memory_free() {
+  size_t free_bytes = 0, total_bytes = 0;
+  OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
+  return free_bytes;
+}
+
 int device_count() {
   int count = 0;
   // No driver or no device is the normal case on CPU machines: report zero devices.

@@ -106,6 +106,14 @@ struct DeviceWeights {
   cuda::DeviceBuffer<float> inv_freq;         // [head_dim / 2] model/rope.h's YaRN frequencies
   float attention_scaling = 1.0f;
 
+  // Whether any layer's experts are MXFP4 (else all are bf16).
+  bool mxfp4_experts() const {
+    for (const DeviceLayer& l : layers) {
+      if (l.gate_up.mxfp4) return true;
+    }
+    return false;
+  }
+
   const __nv_bfloat16* lm_head_weight() const {
     return config.tie_word_embeddings ? embed_tokens.data() : lm_head.data();
   }

@@ -92,10 +92,12 @@ struct PolicyBuffers {
   }
 };
 
-cuda::MoeTrainDims moe_dims(const GptOssConfig& c, int r) {
+// bf16 experts need no decode stage.
+cuda::MoeTrainDims moe_dims(const GptOssConfig& c, int r, const CudaPolicyOptions& o, bool mxfp4) {
   return cuda::MoeTrainDims{c.hidden_size, c.intermediate_size, c.num_local_experts, c.experts_per_token,
-                            float(c.swiglu_limit), r};
+                            float(c.swiglu_limit), r, mxfp4 ? o.moe_stage_bytes : 0};
 }
+
 
 int lora_rank(const DeviceLora* lora) { return lora == nullptr ? 0 : lora->config().r; }
 
@@ -133,7 +135,7 @@ struct CudaPolicy::Impl {
         c(m.config()),
         lora(l),
         options(o),
-        moe(moe_dims(m.config(), lora_rank(l)), std::min(o.moe_chunk_tokens, o.max_tokens)),
+        moe(moe_dims(m.config(), lora_rank(l), o, m.weights().mxfp4_experts()), std::min(o.moe_chunk_tokens, o.max_tokens)),
         lm_head(o.max_tokens, m.config().hidden_size, m.config().vocab_size, o.lm_head_workspace) {
     Allocator a;
     b = PolicyBuffers(a, c, lora_rank(l), o);
@@ -290,7 +292,7 @@ CudaPolicy::CudaPolicy(const CudaModel& model, DeviceLora* lora, const CudaPolic
   OSSRL_CHECK(options.max_tokens > 0 && options.moe_chunk_tokens > 0,
               "CUDA policy: max_tokens ({}) and moe_chunk_tokens ({}) must be positive", options.max_tokens,
               options.moe_chunk_tokens);
-  const size_t needed = bytes(model.config(), lora_rank(lora), options);
+  const size_t needed = bytes(model.config(), lora_rank(lora), model.weights().mxfp4_experts(), options);
   size_t free_bytes = 0, total_bytes = 0;
   OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
   OSSRL_CHECK(needed <= free_bytes,
@@ -307,15 +309,15 @@ void CudaPolicy::zero_grad() {
   if (impl_->lora != nullptr) impl_->lora->zero_grad(nullptr);
 }
 
-size_t CudaPolicy::bytes(const GptOssConfig& config, int lora_r, const CudaPolicyOptions& options) {
+size_t CudaPolicy::bytes(const GptOssConfig& config, int lora_r, bool mxfp4, const CudaPolicyOptions& options) {
   Allocator counter(/*count_only=*/true);
   [[maybe_unused]] const PolicyBuffers counted(counter, config, lora_r, options);
   const int chunk = std::min(options.moe_chunk_tokens, options.max_tokens);
-  return counter.bytes() + cuda::MoeTrainBlock::bytes(moe_dims(config, lora_r), chunk) + options.lm_head_workspace;
+  return counter.bytes() + cuda::MoeTrainBlock::bytes(moe_dims(config, lora_r, options, mxfp4), chunk) + options.lm_head_workspace;
 }
 
 size_t CudaPolicy::bytes() const {
-  return impl_->buffer_bytes + cuda::MoeTrainBlock::bytes(moe_dims(impl_->c, lora_rank(impl_->lora)),
+  return impl_->buffer_bytes + cuda::MoeTrainBlock::bytes(moe_dims(impl_->c, lora_rank(impl_->lora), impl_->options, impl_->w.mxfp4_experts()),
                                                           impl_->moe_chunk()) +
          impl_->lm_head.bytes();
 }
@@ -426,6 +428,7 @@ void CudaPolicy::backward(std::span<const float> dlogp) {
   }
   for (int l = m.c.num_hidden_layers - 1; l >= 0; --l) {
     m.layer_backward(l, s, s.adapters ? &m.lora->layers()[size_t(l)] : nullptr);
+    if (s.adapters) m.lora->layer_done(l, nullptr);
   }
   OSSRL_CUDA_CHECK(cudaStreamSynchronize(nullptr));
   s = {};

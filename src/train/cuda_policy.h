@@ -25,6 +25,8 @@ struct CudaPolicyOptions {
   int max_tokens = 4096;       // tokens of one forward (a micro-batch)
   int moe_chunk_tokens = 4096; // the MoE block's activations are this many tokens at a time
   size_t lm_head_workspace = size_t(256) << 20;  // bytes of logits block (cuda/logprobs.h)
+  // Each of the two buffers MXFP4 experts are decoded into for the MoE GEMMs (cuda/moe_train.h).
+  size_t moe_stage_bytes = size_t(256) << 20;
 };
 
 class CudaPolicy final : public TrainablePolicy {
@@ -36,7 +38,7 @@ class CudaPolicy final : public TrainablePolicy {
   CudaPolicy& operator=(const CudaPolicy&) = delete;
 
   // Device bytes the policy holds for these options (activations, workspace), for the plan.
-  static size_t bytes(const GptOssConfig& config, int lora_r, const CudaPolicyOptions& options);
+  static size_t bytes(const GptOssConfig& config, int lora_r, bool mxfp4_experts, const CudaPolicyOptions& options);
   size_t bytes() const;
 
   // Off: the base checkpoint alone (the reference policy of the KL term), no second copy.

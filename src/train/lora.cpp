@@ -60,8 +60,13 @@ std::vector<LoraTarget> LoraConfig::targets() const {
   return out;
 }
 
-Lora::Lora(const GptOssConfig& model, const GptOssWeights& base, const LoraConfig& config)
+Lora::Lora(const GptOssConfig& model, const GptOssWeights& base, const LoraConfig& config) : Lora(model, &base, config) {}
+
+Lora::Lora(const GptOssConfig& model, const LoraConfig& config) : Lora(model, nullptr, config) {}
+
+Lora::Lora(const GptOssConfig& model, const GptOssWeights* base, const LoraConfig& config)
     : config_(config), model_(model) {
+  OSSRL_CHECK(base != nullptr || !config_.train_router, "LoRA: train_router needs the checkpoint's router weights");
   const std::vector<LoraTarget> targets = config_.targets();
   auto has = [&](LoraTarget t) { return std::find(targets.begin(), targets.end(), t) != targets.end(); };
   const int64_t hidden = model.hidden_size;
@@ -102,7 +107,6 @@ Lora::Lora(const GptOssConfig& model, const GptOssWeights& base, const LoraConfi
   };
 
   for (int l = 0; l < model.num_hidden_layers; ++l) {
-    const LayerWeights& w = base.layers[size_t(l)];
     const std::string attn = fmt::format("model.layers.{}.self_attn", l);
     const std::string mlp = fmt::format("model.layers.{}.mlp", l);
     if (has(LoraTarget::QProj)) add_lora(LoraTarget::QProj, l, -1, attn + ".q_proj", q_dim, hidden);
@@ -112,12 +116,13 @@ Lora::Lora(const GptOssConfig& model, const GptOssWeights& base, const LoraConfi
     if (config_.train_sinks) {
       Parameter& p = add_param(attn + ".sinks", attn, Parameter::Kind::Sinks, l, -1,
                                {int64_t(model.num_attention_heads)});
-      p.data = w.attn.sinks;
+      if (base != nullptr) p.data = base->layers[size_t(l)].attn.sinks;
     }
     if (config_.train_router) {
       const int64_t e = model.num_local_experts;
       Parameter& pw = add_param(mlp + ".router.weight", mlp + ".router", Parameter::Kind::RouterWeight, l,
                                 -1, {e, hidden});
+      const LayerWeights& w = base->layers[size_t(l)];
       OSSRL_CHECK(!w.mlp.router.transposed, "router weight of layer {} is stored transposed", l);
       for (int64_t o = 0; o < e; ++o) w.mlp.router.decode_row(o, pw.data.data() + o * hidden);
       Parameter& pb = add_param(mlp + ".router.bias", mlp + ".router", Parameter::Kind::RouterBias, l, -1, {e});

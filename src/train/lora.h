@@ -82,6 +82,9 @@ class Lora {
   // as PEFT (uniform in ±1/sqrt(in)) from config.seed, lora_B zeros; sinks and router
   // copies start at the checkpoint's values. Throws an Error on an invalid config.
   Lora(const GptOssConfig& model, const GptOssWeights& base, const LoraConfig& config);
+  // The same for a model whose weights are not on the host (a random GPU model): trained
+  // sinks start at zero for the caller to fill; train_router is an Error.
+  Lora(const GptOssConfig& model, const LoraConfig& config);
   Lora(const Lora&) = delete;
   Lora& operator=(const Lora&) = delete;
   Lora(Lora&&) = default;
@@ -108,6 +111,7 @@ class Lora {
   void set_dropout(bool apply_dropout, uint64_t dropout_step);
 
  private:
+  Lora(const GptOssConfig& model, const GptOssWeights* base, const LoraConfig& config);
   void wire_views();
 
   LoraConfig config_;

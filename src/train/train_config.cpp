@@ -82,6 +82,9 @@ std::vector<Field> fields(TrainConfig& c) {
       {"train_sinks", &c.lora.train_sinks},
       {"train_router", &c.lora.train_router},
       {"recompute_activations", &c.recompute_activations},
+      {"device", &c.device},
+      {"rollout_batch_size", &c.rollout_batch_size},
+      {"kv_cache_gb", &c.kv_cache_gb},
   };
 }
 
@@ -288,6 +291,14 @@ void TrainConfig::validate() const {
   (void)parse_lr_schedule(lr_scheduler_type);
   (void)harmony::parse_effort(reasoning_effort);
   lora.validate();
+  OSSRL_CHECK(device == "cpu" || device == "cuda", "device must be \"cpu\" or \"cuda\", got \"{}\"", device);
+  OSSRL_CHECK(rollout_batch_size >= 0, "rollout_batch_size must not be negative");
+  OSSRL_CHECK(kv_cache_gb >= 0, "kv_cache_gb must not be negative");
+  if (device == "cuda") {
+    OSSRL_CHECK(lora.lora_dropout == 0, "device = \"cuda\" trains without LoRA dropout (lora_dropout {})",
+                lora.lora_dropout);
+    OSSRL_CHECK(!lora.train_router, "device = \"cuda\" does not train the router (train_router)");
+  }
   if (trainer == "grpo") {
     OSSRL_CHECK(num_generations >= 2, "num_generations must be at least 2 (advantages compare a group), got {}",
                 num_generations);

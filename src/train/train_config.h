@@ -102,6 +102,12 @@ struct TrainConfig {
   LoraConfig lora;
   bool recompute_activations = false;
 
+  // ---- device: "cpu" (the reference) or "cuda" (rollouts on the CUDA engine, log-probs and
+  //      gradients on the GPU, AdamW on the host over the fp32 adapters it checkpoints).
+  std::string device = "cpu";
+  int rollout_batch_size = 0;  // cuda: sequences decoding at once (0: the whole generation batch)
+  double kv_cache_gb = 0.0;    // cuda: KV cache of the rollouts in GiB (0: what rollout_batch_size needs)
+
   double lr() const { return learning_rate.value_or(trainer == "sft" ? 2e-5 : 1e-6); }
   // Completions generated per step (grpo) and the prompts they come from.
   int generation_batch_size() const { return per_device_train_batch_size * gradient_accumulation_steps; }

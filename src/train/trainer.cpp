@@ -11,6 +11,12 @@
 #include "core/error.h"
 #include "tokenizer/harmony.h"
 #include "train/peft_adapter.h"
+#if OSSRL_HAVE_CUDA
+#include "cuda/device.h"
+#include "engine/cuda_engine.h"
+#include "train/cuda_lora.h"
+#include "train/cuda_policy.h"
+#endif
 
 namespace ossrl {
 
@@ -127,6 +133,17 @@ Rollouts Rollouts::from_json(const nlohmann::json& j) {
 
 // ---- Trainer -----------------------------------------------------------------------------
 
+#if OSSRL_HAVE_CUDA
+struct Trainer::Gpu {
+  std::unique_ptr<CudaModel> model;
+  std::unique_ptr<DeviceLora> lora;  // bf16 copies; the fp32 values and grads are the host Lora's
+  std::unique_ptr<CudaPolicy> policy;
+  int policy_tokens = 0;
+};
+#else
+struct Trainer::Gpu {};
+#endif
+
 Trainer::Trainer(TrainConfig config, std::vector<std::unique_ptr<RewardFunction>> rewards)
     : config_(std::move(config)), rewards_(std::move(rewards)) {
   config_.lora.seed = config_.seed;
@@ -142,6 +159,33 @@ Trainer::Trainer(TrainConfig config, std::vector<std::unique_ptr<RewardFunction>
     lora_ = std::make_unique<Lora>(model_->config(), model_->weights(), config_.lora);
   }
   policy_ = std::make_unique<Policy>(*model_, lora_.get(), PolicyOptions{config_.recompute_activations});
+  if (config_.device == "cuda") {
+#if OSSRL_HAVE_CUDA
+    OSSRL_CHECK(cuda::device_count() > 0, "device = \"cuda\": no GPU on this machine");
+    gpu_ = std::make_unique<Gpu>();  // the adapters go up once the run's are known (below)
+    gpu_->model = CudaModel::load(config_.model_name_or_path);
+    gpu_->lora = std::make_unique<DeviceLora>(gpu_->model->weights(), *lora_);
+    // The largest micro-batch: its activations must fit beside the weights and the adapters.
+    const int tokens = config_.per_device_train_batch_size * (config_.max_prompt_length + config_.max_completion_length);
+    CudaPolicyOptions options;
+    options.max_tokens = tokens;
+    const size_t needed =
+        CudaPolicy::bytes(model_->config(), lora_->config().r, gpu_->model->weights().mxfp4_experts(), options);
+    const size_t free_bytes = cuda::memory_free();
+    constexpr double kGiB = double(1 << 30);
+    fmt::print(stderr, "{}: weights {:.2f} GiB, adapters (bf16 copies, one layer of fp32 grads) {:.2f} GiB, training "
+               "activations for {} tokens {:.2f} GiB, {:.2f} GiB free for them and the rollouts' KV cache\n",
+               cuda::device_summary(0), double(gpu_->model->memory_plan().weights) / kGiB,
+               double(gpu_->lora->bytes()) / kGiB, tokens, double(needed) / kGiB, double(free_bytes) / kGiB);
+    OSSRL_CHECK(needed <= free_bytes,
+                "device = \"cuda\": micro-batches of {} x ({} + {}) tokens need {:.2f} GiB of activations, but only "
+                "{:.2f} GiB is free after the weights and adapters; lower per_device_train_batch_size or the lengths",
+                config_.per_device_train_batch_size, config_.max_prompt_length, config_.max_completion_length,
+                double(needed) / kGiB, double(free_bytes) / kGiB);
+#else
+    fail("device = \"cuda\": this ossrl was built without CUDA");
+#endif
+  }
   optimizer_ = std::make_unique<AdamW>(
       AdamWConfig{config_.adam_beta1, config_.adam_beta2, config_.adam_epsilon, config_.weight_decay},
       param_spans(lora_->parameters()));
@@ -188,6 +232,9 @@ Trainer::Trainer(TrainConfig config, std::vector<std::unique_ptr<RewardFunction>
     OSSRL_CHECK(state_.global_step <= total_steps_, "{} is at step {}, past the run's {} steps", dir,
                 state_.global_step, total_steps_);
   }
+#if OSSRL_HAVE_CUDA
+  if (gpu_) gpu_->lora->upload(*lora_);  // the initial (or resumed) adapters
+#endif
   fs::create_directories(config_.output_dir);
   write_file_atomic((fs::path(config_.output_dir) / "train_config.json").string(), state_.config.dump(1) + "\n");
   metrics_ = std::make_unique<MetricsLog>((fs::path(config_.output_dir) / "metrics.jsonl").string(),
@@ -201,18 +248,72 @@ void Trainer::write_row(nlohmann::json row) {
   if (on_row) on_row(row);
 }
 
+TrainablePolicy& Trainer::update_policy(int tokens) {
+#if OSSRL_HAVE_CUDA
+  if (gpu_) {
+    if (!gpu_->policy || gpu_->policy_tokens < tokens) {
+      gpu_->policy.reset();
+      CudaPolicyOptions options;
+      options.max_tokens = std::max(tokens, config_.per_device_train_batch_size *
+                                                (config_.max_prompt_length + config_.max_completion_length));
+      gpu_->policy = std::make_unique<CudaPolicy>(*gpu_->model, gpu_->lora.get(), options);
+      gpu_->policy_tokens = options.max_tokens;
+    }
+    gpu_->policy->set_adapters_enabled(lora_->adapters_enabled());
+    return *gpu_->policy;
+  }
+#endif
+  (void)tokens;
+  return *policy_;
+}
+
+void Trainer::release_gpu_policy() {
+#if OSSRL_HAVE_CUDA
+  if (gpu_) gpu_->policy.reset();
+#endif
+}
+
+StepReport Trainer::optimizer_step(double lr, double loss) {
+  // On cuda the backward has added the grads into the host Lora layer by layer.
+  const StepReport report = optimizer_->step(lr, config_.max_grad_norm, loss);
+#if OSSRL_HAVE_CUDA
+  if (gpu_ && report.applied()) gpu_->lora->upload(*lora_);
+#endif
+  return report;
+}
+
 std::vector<Generation> Trainer::generate_with_policy(const std::vector<std::vector<int32_t>>& prompts,
                                                       const SamplingParams& sampling, uint64_t seed) {
-  std::vector<const LayerAdapters*> adapters;
-  if (lora_->adapters_enabled()) {
-    lora_->set_dropout(false, 0);  // rollouts sample the policy itself, never a dropped-out one
-    for (int l = 0; l < model_->config().num_hidden_layers; ++l) adapters.push_back(lora_->layer(l));
-  }
   GenerateOptions options;
   options.sampling = sampling;
   options.max_new_tokens = config_.max_completion_length;
   options.stop_tokens = {harmony_tokens::kReturn, harmony_tokens::kCall};
   options.seed = seed;
+#if OSSRL_HAVE_CUDA
+  if (gpu_) {
+    // The update phase's activations make room for the KV cache, which goes when the engine does.
+    release_gpu_policy();
+    gpu_->model->set_adapters(lora_->adapters_enabled() ? gpu_->lora->layers()
+                                                        : std::span<const cuda::DeviceLayerAdapters>{});
+    EngineOptions engine;
+    engine.max_batch = config_.rollout_batch_size > 0 ? std::min<int>(config_.rollout_batch_size, int(prompts.size()))
+                                                      : int(prompts.size());
+    int longest = 0;
+    for (const auto& p : prompts) longest = std::max(longest, int(p.size()));
+    engine.max_sequence_length = longest + config_.max_completion_length;
+    engine.kv_cache_gb = config_.kv_cache_gb;
+    if (config_.kv_cache_gb == 0.0) {  // what max_batch sequences of the longest length need
+      engine.kv_pages = engine.max_batch * ((engine.max_sequence_length + engine.page_size - 1) / engine.page_size);
+    }
+    CudaEngine rollout(*gpu_->model, engine);
+    return rollout.generate(prompts, options);
+  }
+#endif
+  std::vector<const LayerAdapters*> adapters;
+  if (lora_->adapters_enabled()) {
+    lora_->set_dropout(false, 0);  // rollouts sample the policy itself, never a dropped-out one
+    for (int l = 0; l < model_->config().num_hidden_layers; ++l) adapters.push_back(lora_->layer(l));
+  }
   return generate(*model_, prompts, options, adapters);
 }
 
@@ -296,7 +397,7 @@ Rollouts Trainer::make_rollouts() {
     for (size_t b0 = 0; b0 < r.completions.size(); b0 += mb) {
       SequenceBatch batch;
       for (size_t b = b0; b < std::min(r.completions.size(), b0 + mb); ++b) batch.add(r.prompts[b], r.completions[b]);
-      const PolicyOutput out = policy_->forward(
+      const PolicyOutput out = update_policy(int(batch.tokens.size())).forward(
           batch.tokens, batch.offsets, {.keep_activations = false, .apply_dropout = false, .score_mask = completion_mask(batch)});
       const std::vector<float> logp = batch.gather(out.log_probs);
       size_t i = 0;
@@ -336,17 +437,23 @@ nlohmann::json Trainer::grpo_step() {
   for (const auto& c : r.completions) all_lengths.push_back(int32_t(c.size()));
   const int64_t num_items = count_loss_tokens(loss_config, all_lengths, {}, r.truncated);
 
-  lora_->zero_grad();
+  std::vector<SequenceBatch> micro(GA);
+  int longest = 0;
+  for (size_t k = 0; k < GA; ++k) {
+    for (size_t b = k * mb; b < (k + 1) * mb; ++b) micro[k].add(r.prompts[b], r.completions[b]);
+    longest = std::max(longest, int(micro[k].tokens.size()));
+  }
+  TrainablePolicy& policy = update_policy(longest);
+  policy.zero_grad();
   double step_loss = 0;
   int64_t trained_tokens = 0, active = 0;
   double kl = 0, entropy = 0, low = 0, high = 0, region = 0;
   double low_min = std::numeric_limits<double>::infinity(), high_max = -std::numeric_limits<double>::infinity();
   for (size_t k = 0; k < GA; ++k) {
     const size_t b0 = k * mb;
-    SequenceBatch batch;
-    for (size_t b = b0; b < b0 + mb; ++b) batch.add(r.prompts[b], r.completions[b]);
+    const SequenceBatch& batch = micro[k];
     trained_tokens += int64_t(batch.tokens.size());
-    const PolicyOutput out = policy_->forward(
+    const PolicyOutput out = policy.forward(
         batch.tokens, batch.offsets,
         {.keep_activations = true, .entropy = true, .apply_dropout = true,
          .dropout_step = uint64_t(state_.global_step) * GA + k, .score_mask = completion_mask(batch)});
@@ -370,7 +477,7 @@ nlohmann::json Trainer::grpo_step() {
     gb.num_items_in_batch = num_items;
     std::vector<float> dlogp(logp.size());
     const GrpoLoss loss = grpo_loss(loss_config, gb, std::span<float>(dlogp));
-    policy_->backward(batch.scatter(dlogp));
+    policy.backward(batch.scatter(dlogp));
     step_loss += loss.loss;
 
     // Token-weighted means over the micro-batches, as TRL's per-step averages.
@@ -388,7 +495,7 @@ nlohmann::json Trainer::grpo_step() {
     }
   }
   const double lr = schedule_->lr(state_.global_step);
-  const StepReport report = optimizer_->step(lr, config_.max_grad_norm, step_loss);
+  const StepReport report = optimizer_step(lr, step_loss);
   ++state_.global_step;
 
   nlohmann::json row = r.metrics;
@@ -415,14 +522,20 @@ nlohmann::json Trainer::sft_step() {
   int64_t num_items = 0;
   for (const Example* e : examples) num_items += int64_t(e->completion.size());
 
-  lora_->zero_grad();
+  std::vector<SequenceBatch> micro(GA);
+  int longest = 0;
+  for (size_t k = 0; k < GA; ++k) {
+    for (size_t i = k * mb; i < (k + 1) * mb; ++i) micro[k].add(examples[i]->prompt, examples[i]->completion);
+    longest = std::max(longest, int(micro[k].tokens.size()));
+  }
+  TrainablePolicy& policy = update_policy(longest);
+  policy.zero_grad();
   double step_loss = 0;
   int64_t trained_tokens = 0;
   for (size_t k = 0; k < GA; ++k) {
-    SequenceBatch batch;
-    for (size_t i = k * mb; i < (k + 1) * mb; ++i) batch.add(examples[i]->prompt, examples[i]->completion);
+    const SequenceBatch& batch = micro[k];
     trained_tokens += int64_t(batch.tokens.size());
-    const PolicyOutput out = policy_->forward(
+    const PolicyOutput out = policy.forward(
         batch.tokens, batch.offsets,
         {.keep_activations = true, .apply_dropout = true, .dropout_step = uint64_t(state_.global_step) * GA + k,
          .score_mask = completion_mask(batch)});
@@ -430,10 +543,10 @@ nlohmann::json Trainer::sft_step() {
     const std::vector<uint8_t> mask(logp.size(), 1);
     std::vector<float> dlogp(logp.size());
     step_loss += sft_loss<float>(logp, mask, num_items, dlogp);
-    policy_->backward(batch.scatter(dlogp));
+    policy.backward(batch.scatter(dlogp));
   }
   const double lr = schedule_->lr(state_.global_step);
-  const StepReport report = optimizer_->step(lr, config_.max_grad_norm, step_loss);
+  const StepReport report = optimizer_step(lr, step_loss);
   ++state_.global_step;
 
   nlohmann::json row;

@@ -104,6 +104,14 @@ class Trainer {
  private:
   nlohmann::json grpo_step();
   nlohmann::json sft_step();
+  // The policy that computes log-probs and gradients of micro-batches of up to `tokens`
+  // tokens: the CPU Policy, or with device = "cuda" a CudaPolicy over the GPU copy, made for
+  // the update phase and released (release_gpu_policy) when rollouts need its memory.
+  TrainablePolicy& update_policy(int tokens);
+  void release_gpu_policy();
+  // The optimizer step over the grads of the update phase (on cuda brought to the host Lora
+  // first, and the new values sent back to the GPU after).
+  StepReport optimizer_step(double lr, double loss);
   Rollouts make_rollouts();
   // Reward inputs of completions of `examples` (parallel arrays).
   std::vector<std::vector<double>> score(const std::vector<const Example*>& examples,
@@ -116,6 +124,10 @@ class Trainer {
   std::unique_ptr<CpuModel> model_;
   std::unique_ptr<Lora> lora_;
   std::unique_ptr<Policy> policy_;
+  // With device = "cuda": the checkpoint and the adapters on the GPU, the policy of the
+  // current update phase (train/trainer.cpp).
+  struct Gpu;
+  std::unique_ptr<Gpu> gpu_;
   std::unique_ptr<AdamW> optimizer_;
   std::unique_ptr<LrSchedule> schedule_;
   std::vector<std::unique_ptr<RewardFunction>> rewards_;

@@ -39,6 +39,7 @@ struct BenchArgs {
   float temperature = 1.0f;
   bool cuda_graphs = true;
   bool profile = false;
+  bool offload_embeddings = false;
   uint64_t seed = 0;
   std::string json_path;
 };
@@ -193,7 +194,8 @@ void run(const BenchArgs& args) {
   const bool mxfp4 = args.experts == "mxfp4";
   fmt::print("{}\n", cuda::device_summary(0));
   const auto load_start = Clock::now();
-  const auto model = CudaModel::random(config, mxfp4, args.seed);
+  const auto model =
+      CudaModel::random(config, mxfp4, args.seed, ModelOptions{.offload_embeddings = args.offload_embeddings});
   fmt::print("gpt-oss-{} shape, random weights, {} experts, ready in {:.1f} s\n", args.model, args.experts,
              std::chrono::duration<double>(Clock::now() - load_start).count());
   fmt::print("prompts of {} random tokens, {} new tokens each (no stop tokens), temperature {}, CUDA graphs {}\n",
@@ -277,7 +279,8 @@ void run(const BenchArgs& args) {
                     {"roofline_percent", roofline_percent},
                     {"peak_gpu_bytes", s.peak_gpu_bytes},
                     {"plan", {{"weights", plan.weights}, {"kv_cache", plan.kv_cache}, {"workspace", plan.workspace},
-                              {"kv_pages", plan.kv_pages}, {"page_size", plan.page_size}}}});
+                              {"kv_pages", plan.kv_pages}, {"page_size", plan.page_size},
+                              {"host_embeddings", plan.host_embeddings}}}});
     if (args.profile) {
       const DecodeTraffic profile_traffic = decode_traffic(config, mxfp4, batch, profile_context);
       profiles.push_back(format_profile(batch, profile, profile_traffic, decode_step * 1e3));
@@ -352,6 +355,8 @@ Command add_bench(CLI::App& app) {
   command->add_flag("!--no-cuda-graphs", args->cuda_graphs, "Run decode steps eagerly, not as CUDA graphs");
   command->add_flag("--profile", args->profile,
                     "Also time each op class of eager decode steps (CUDA events) against the bytes it moves");
+  command->add_flag("--offload-embeddings", args->offload_embeddings,
+                    "Keep embed_tokens in pinned host memory, read over PCIe (frees its GPU memory)");
   command->add_option("--seed", args->seed, "Seed of the weights, prompts and sampling")->capture_default_str();
   command->add_option("--json", args->json_path, "Also write the rows to this JSON file");
   const Command train = add_bench_train(*bench);

@@ -666,10 +666,14 @@ const EngineStats& CudaEngine::stats() const { return impl_->stats; }
 void CudaEngine::reset_stats() { impl_->stats = EngineStats{}; }
 
 std::string describe(const MemoryPlan& plan) {
-  return fmt::format(
+  std::string text = fmt::format(
       "weights {:.2f} GiB, KV cache {} pages x {} positions = {:.2f} GiB, workspace {:.2f} GiB, total {:.2f} GiB",
       double(plan.weights) / kGiB, plan.kv_pages, plan.page_size, double(plan.kv_cache) / kGiB,
       double(plan.workspace) / kGiB, double(plan.weights + plan.kv_cache + plan.workspace) / kGiB);
+  if (plan.host_embeddings > 0) {
+    text += fmt::format("; embeddings on the host: {:.2f} GiB", double(plan.host_embeddings) / kGiB);
+  }
+  return text;
 }
 
 }  // namespace ossrl

@@ -103,10 +103,28 @@ struct Workspace {
   }
 };
 
-// Copies host bytes to a device address; synchronous, since the source may be a temporary or
-// the checkpoint's memory map.
+// Copies host bytes to a device address, or to pinned host memory mapped into the device's
+// (offloaded embeddings: unified addressing tells them apart); synchronous, since the source
+// may be a temporary or the checkpoint's memory map.
 void copy_to_device(void* dst, const void* src, size_t bytes) {
-  OSSRL_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice));
+  OSSRL_CUDA_CHECK(cudaMemcpy(dst, src, bytes, cudaMemcpyDefault));
+}
+
+// embed_tokens [vocab, hidden] bf16 in pinned host memory, mapped: the device address that
+// kernels read, freeing the host allocation with its last owner. Write-combined: the host only
+// writes it (once), and the GPU's reads over PCIe need not snoop the CPU's caches.
+std::shared_ptr<bf16> offloaded_embeddings(const GptOssConfig& c) {
+  const size_t bytes = size_t(c.vocab_size) * size_t(c.hidden_size) * sizeof(bf16);
+  void* host = nullptr;
+  const cudaError_t status = cudaHostAlloc(&host, bytes, cudaHostAllocMapped | cudaHostAllocWriteCombined);
+  if (status != cudaSuccess) (void)cudaGetLastError();  // not sticky: the caller may recover
+  OSSRL_CHECK(status == cudaSuccess,
+              "CUDA model: cannot pin {:.2f} GiB of host memory for the offloaded embeddings ({}); run without "
+              "offloading them, or free host memory",
+              gib(bytes), cudaGetErrorString(status));
+  void* device = nullptr;
+  OSSRL_CUDA_CHECK(cudaHostGetDevicePointer(&device, host, 0));
+  return std::shared_ptr<bf16>(static_cast<bf16*>(device), [host](bf16*) { cudaFreeHost(host); });
 }
 
 void upload(DeviceBuffer<float>& dst, const std::vector<float>& host) {
@@ -195,11 +213,19 @@ struct CudaModel::Impl {
   int lora_rank = 0;
 
   // Allocates every weight buffer of config's shape, contents unset.
-  Impl(const GptOssConfig& c, const std::vector<bool>& mxfp4_layers) : config(c) {
+  Impl(const GptOssConfig& c, const std::vector<bool>& mxfp4_layers, const ModelOptions& options) : config(c) {
+    OSSRL_CHECK(!options.offload_embeddings || !c.tie_word_embeddings,
+                "CUDA model: embeddings tied to lm_head cannot be offloaded to the host (lm_head reads all {} rows "
+                "every step)",
+                c.vocab_size);
     DeviceWeights& w = weights;
     w.config = c;
     Allocator a;
-    w.embed_tokens = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "embed_tokens");
+    if (options.offload_embeddings) {
+      w.host_embed_tokens = offloaded_embeddings(c);
+    } else {
+      w.embed_tokens = a.take<bf16>(size_t(c.vocab_size) * size_t(c.hidden_size), "embed_tokens");
+    }
     w.layers.reserve(size_t(c.num_hidden_layers));
     for (int l = 0; l < c.num_hidden_layers; ++l) w.layers.emplace_back(a, c, l, mxfp4_layers[size_t(l)]);
     w.norm = a.take<float>(size_t(c.hidden_size), "final norm");
@@ -209,6 +235,11 @@ struct CudaModel::Impl {
     upload(w.inv_freq, rope.inv_freq);
     w.attention_scaling = rope.attention_scaling;
     w.bytes = a.bytes();
+  }
+
+  // The embedding table to fill: on the GPU, or the offloaded host copy.
+  bf16* embedding_table() {
+    return weights.host_embed_tokens ? weights.host_embed_tokens.get() : weights.embed_tokens.data();
   }
 
   bf16* layer_kv(int l, int which) {
@@ -233,7 +264,7 @@ struct CudaModel::Impl {
 CudaModel::CudaModel(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 CudaModel::~CudaModel() = default;
 
-std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir) {
+std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir, const ModelOptions& options) {
   const GptOssConfig config = GptOssConfig::from_file(dir + "/config.json");
   const Checkpoint checkpoint = Checkpoint::open(dir);
   validate_gpt_oss_checkpoint(checkpoint, config);
@@ -242,8 +273,8 @@ std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir) {
   for (const LayerWeights& layer : w.layers) mxfp4_layers.push_back(layer.mlp.gate_up[0].format == WeightFormat::MXFP4);
   check_supported(config);
 
-  auto impl = std::make_unique<Impl>(config, mxfp4_layers);
-  upload_bf16(impl->weights.embed_tokens.data(), w.embed_tokens);
+  auto impl = std::make_unique<Impl>(config, mxfp4_layers, options);
+  upload_bf16(impl->embedding_table(), w.embed_tokens);
   for (size_t l = 0; l < w.layers.size(); ++l) {
     const LayerWeights& src = w.layers[l];
     DeviceLayer& dst = impl->weights.layers[l];
@@ -269,9 +300,11 @@ std::unique_ptr<CudaModel> CudaModel::load(const std::string& dir) {
   return std::unique_ptr<CudaModel>(new CudaModel(std::move(impl)));
 }
 
-std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mxfp4_experts, uint64_t seed) {
+std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mxfp4_experts, uint64_t seed,
+                                              const ModelOptions& options) {
   check_supported(config);
-  auto impl = std::make_unique<Impl>(config, std::vector<bool>(size_t(config.num_hidden_layers), mxfp4_experts));
+  auto impl = std::make_unique<Impl>(config, std::vector<bool>(size_t(config.num_hidden_layers), mxfp4_experts),
+                                     options);
   // model/random_checkpoint.cpp's scales: matrices 1/sqrt(fan_in), embedding 1, biases 0.1,
   // sinks 1, norm weights 1 ± 0.1. Each tensor draws from its own seed.
   constexpr float kBias = 0.1f, kNorm = 0.1f;
@@ -293,7 +326,9 @@ std::unique_ptr<CudaModel> CudaModel::random(const GptOssConfig& config, bool mx
     f32_tensor(e.bias, 0.0f, kBias);
   };
   const int q_dim = config.num_attention_heads * config.head_dim;
-  bf16_tensor(impl->weights.embed_tokens, 1.0f);
+  // Offloaded, the table is written over PCIe by the same kernel: the same values.
+  cuda::random_uniform_bf16(impl->embedding_table(), size_t(config.vocab_size) * size_t(config.hidden_size), 0.0f,
+                            1.0f, next_seed(), nullptr);
   for (DeviceLayer& layer : impl->weights.layers) {
     f32_tensor(layer.input_layernorm, 1.0f, kNorm);
     f32_tensor(layer.post_attention_layernorm, 1.0f, kNorm);
@@ -320,7 +355,11 @@ StepBuffers& CudaModel::step() { return impl_->step; }
 void CudaModel::set_profiler(OpProfiler* profiler) { impl_->profiler = profiler; }
 
 MemoryPlan CudaModel::memory_plan() const {
-  return MemoryPlan{impl_->weights.bytes, impl_->kv_bytes, impl_->workspace_bytes, impl_->kv_pages, impl_->page_size};
+  const DeviceWeights& w = impl_->weights;
+  const size_t host_embeddings =
+      w.host_embed_tokens ? size_t(w.config.vocab_size) * size_t(w.config.hidden_size) * sizeof(bf16) : 0;
+  return MemoryPlan{w.bytes,          impl_->kv_bytes, impl_->workspace_bytes, impl_->kv_pages, impl_->page_size,
+                    host_embeddings};
 }
 
 void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_size) {
@@ -447,7 +486,7 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
   const float eps = float(c.rms_norm_eps);
   ProfiledStep profile(m.profiler, stream, n_tokens, n_sequences);
 
-  cuda::embedding_forward(ws.residual.data(), m.weights.embed_tokens.data(), step.tokens, n_tokens, hidden, stream);
+  cuda::embedding_forward(ws.residual.data(), m.weights.embedding_table(), step.tokens, n_tokens, hidden, stream);
   profile.mark(Op::Embedding);
   for (int l = 0; l < c.num_hidden_layers; ++l) {
     const DeviceLayer& w = m.weights.layers[size_t(l)];

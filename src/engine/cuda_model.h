@@ -48,13 +48,25 @@ struct StepBuffers {
   float* logprobs = nullptr;        // [s] log p(sampled) at temperature 1
 };
 
-// Bytes the model holds on the GPU, by purpose (the memory plan printed at start).
+// Bytes the model holds on the GPU, by purpose (the memory plan printed at start), and the
+// weights it reads from pinned host memory instead.
 struct MemoryPlan {
   size_t weights = 0;
   size_t kv_cache = 0;
   size_t workspace = 0;
   int kv_pages = 0;
   int page_size = 0;
+  size_t host_embeddings = 0;  // embed_tokens offloaded (ModelOptions), not in `weights`
+};
+
+// Where CudaModel keeps its weights.
+struct ModelOptions {
+  // embed_tokens in pinned host memory mapped into the GPU's address space: the embedding
+  // kernel reads a step's rows over PCIe (n_tokens x hidden x 2 bytes, a few µs; no copy,
+  // graph capturable), and the table (gpt-oss: 201088 x 2880 bf16, 1.08 GiB) leaves the GPU.
+  // lm_head, which reads every row each step, stays: needs tie_word_embeddings false, as
+  // gpt-oss has.
+  bool offload_embeddings = false;
 };
 
 class CudaModel {
@@ -62,10 +74,11 @@ class CudaModel {
   // Uploads a Hugging Face checkpoint folder: attention, router, embedding, lm_head in bf16
   // (fp32 checkpoints are rounded), experts as stored (MXFP4 codes and scales as they are;
   // dense bf16 experts transposed to [experts, out, in]); norms, biases, sinks in fp32.
-  static std::unique_ptr<CudaModel> load(const std::string& dir);
+  static std::unique_ptr<CudaModel> load(const std::string& dir, const ModelOptions& options = {});
   // A model of `config`'s shape with random weights written on the GPU, so the 20b and 120b
   // shapes can be benchmarked with no checkpoint and no host copy. Activations stay O(1).
-  static std::unique_ptr<CudaModel> random(const GptOssConfig& config, bool mxfp4_experts, uint64_t seed);
+  static std::unique_ptr<CudaModel> random(const GptOssConfig& config, bool mxfp4_experts, uint64_t seed,
+                                           const ModelOptions& options = {});
   ~CudaModel();
   CudaModel(const CudaModel&) = delete;
   CudaModel& operator=(const CudaModel&) = delete;

@@ -7,6 +7,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "cuda/buffer.h"
@@ -98,8 +99,11 @@ struct DeviceLayer {
 // Every weight of the model. lm_head is empty when tied to embed_tokens.
 struct DeviceWeights {
   GptOssConfig config;
-  size_t bytes = 0;                                // all of the below
-  cuda::DeviceBuffer<__nv_bfloat16> embed_tokens;  // [vocab, hidden]
+  size_t bytes = 0;                                // GPU memory of all of the below
+  cuda::DeviceBuffer<__nv_bfloat16> embed_tokens;  // [vocab, hidden]; empty when offloaded
+  // embed_tokens offloaded (engine/cuda_model.h's ModelOptions): pinned host memory mapped into
+  // the device's address space, at its device address; null when on the GPU.
+  std::shared_ptr<__nv_bfloat16> host_embed_tokens;
   std::vector<DeviceLayer> layers;
   cuda::DeviceBuffer<float> norm;             // [hidden]
   cuda::DeviceBuffer<__nv_bfloat16> lm_head;  // [vocab, hidden]; empty when tied
@@ -112,6 +116,11 @@ struct DeviceWeights {
       if (l.gate_up.mxfp4) return true;
     }
     return false;
+  }
+
+  // The embedding table as kernels read it, on the GPU or mapped from the host.
+  const __nv_bfloat16* embedding_table() const {
+    return host_embed_tokens ? host_embed_tokens.get() : embed_tokens.data();
   }
 
   const __nv_bfloat16* lm_head_weight() const {

@@ -1,6 +1,7 @@
 // CudaModel end to end on the tiny fixtures (tests/fixtures/README.md): logits of a paged,
 // bf16 forward against transformers' fp32 logits and the CPU reference, the KV cache through
-// token-by-token decode, a ragged batch against its sequences run one by one, sampling, and
+// token-by-token decode, a ragged batch against its sequences run one by one, sampling,
+// embeddings offloaded to host memory (bit for bit the resident model's logits), and
 // random-weight models (tiny and the 20b shape).
 //
 // Tolerance. The GPU holds weights in bf16 exactly as the checkpoint does, but rounds
@@ -44,6 +45,7 @@
 
 #include "core/error.h"
 #include "cuda/gpu_test.h"
+#include "engine/cuda_engine.h"
 #include "io/safetensors.h"
 #include "reference_fixtures.h"
 #include "model/cpu_model.h"
@@ -216,13 +218,24 @@ class PagedRunner {
   std::vector<int32_t> block_tables_;
 };
 
+// got and want bit for bit, logits [rows, vocab]; the message names the first difference.
+void expect_identical(std::span<const float> got, std::span<const float> want, size_t vocab, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t differ = 0, first = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0 && differ++ == 0) first = i;
+  }
+  EXPECT_EQ(differ, 0u) << what << ": " << differ << " of " << got.size() << " logits differ, the first at row "
+                        << first / vocab << " token " << first % vocab << ": " << got[first] << " vs " << want[first];
+}
+
 class CudaModelFixture : public ::testing::TestWithParam<std::string> {
  protected:
   // Loads the fixture and sizes the model for the whole reference batch, every token a logit row.
-  void open() {
+  void open(const ModelOptions& options = {}) {
     stream_ = std::make_unique<Stream>();
     dir_ = std::string(OSSRL_FIXTURE_DIR) + "/" + GetParam();
-    model_ = CudaModel::load(dir_);
+    model_ = CudaModel::load(dir_, options);
     ref_ = SafetensorsFile::open(dir_ + "/reference.safetensors");
     tokens_ = read<int32_t>(*ref_, "tokens");
     offsets_ = read<int32_t>(*ref_, "offsets");
@@ -362,6 +375,31 @@ TEST_P(CudaModelFixture, GreedySamplingPicksTheArgmax) {
   }
 }
 
+// Offloaded embeddings (ModelOptions): the embedding kernel reads the same table over PCIe, so a
+// ragged batch gives bit for bit the resident model's logits, and the memory plan moves the
+// table's bytes from the GPU's weights to the host.
+TEST_P(CudaModelFixture, OffloadedEmbeddingsGiveIdenticalLogits) {
+  OSSRL_REQUIRE_GPU();
+  open();
+  std::vector<Chunk> chunks;
+  for (size_t b = 0; b < sequences(); ++b) chunks.push_back(Chunk{int(b), sequence(b), 0});
+  const MemoryPlan resident_plan = model_->memory_plan();
+  const std::vector<float> resident = PagedRunner(*model_, stream_->stream, int(sequences()), 6).run(chunks, true);
+
+  const StepCapacity cap = model_->capacity();
+  model_ = CudaModel::load(dir_, ModelOptions{.offload_embeddings = true});
+  model_->allocate(cap, resident_plan.kv_pages, kPageSize);
+  const MemoryPlan plan = model_->memory_plan();
+  const std::vector<float> offloaded = PagedRunner(*model_, stream_->stream, int(sequences()), 6).run(chunks, true);
+
+  const size_t table = vocab_ * size_t(model_->config().hidden_size) * 2;
+  EXPECT_EQ(resident_plan.host_embeddings, 0u);
+  EXPECT_EQ(plan.host_embeddings, table);
+  EXPECT_EQ(plan.weights + table, resident_plan.weights) << "the offloaded table still counted as GPU memory";
+  EXPECT_NE(describe(plan).find("embeddings on the host"), std::string::npos) << describe(plan);
+  expect_identical(offloaded, resident, vocab_, GetParam() + " offloaded embeddings vs resident");
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, CudaModelFixture, ::testing::ValuesIn(fixture_models()),
                          [](const ::testing::TestParamInfo<std::string>& info) {
                            std::string name = info.param;
@@ -426,6 +464,33 @@ TEST(CudaModelRandom, TinyShapeGivesFiniteLogits) {
 TEST(CudaModelRandom, GptOss20bShapeGivesFiniteLogits) {
   OSSRL_REQUIRE_GPU();
   expect_random_model_runs(GptOssConfig::gpt_oss_20b(), /*mxfp4=*/true);
+}
+
+// The random tiny model with its embeddings offloaded: the same values written over PCIe, so
+// the same logits bit for bit. Tied embeddings (lm_head would read the whole table each step
+// over PCIe) are refused.
+TEST(CudaModelRandom, OffloadedEmbeddingsGiveIdenticalLogits) {
+  OSSRL_REQUIRE_GPU();
+  Stream stream;
+  std::vector<int32_t> tokens(47);
+  for (size_t i = 0; i < tokens.size(); ++i) tokens[i] = int32_t((i * 7919) % 512);
+  const Chunk chunks[] = {{0, std::span(tokens).first(40), 0}, {1, std::span(tokens).subspan(40), 0}};
+  auto logits = [&](const ModelOptions& options) {
+    std::unique_ptr<CudaModel> model = CudaModel::random(tiny_config(), true, 11, options);
+    model->allocate(StepCapacity{64, 64, 8, 4}, 16, kPageSize);
+    return PagedRunner(*model, stream.stream, 2, 5).run(chunks, true);
+  };
+  const std::vector<float> resident = logits({});
+  expect_identical(logits(ModelOptions{.offload_embeddings = true}), resident, 512, "random tiny model");
+
+  GptOssConfig tied = tiny_config();
+  tied.tie_word_embeddings = true;
+  try {
+    (void)CudaModel::random(tied, true, 11, ModelOptions{.offload_embeddings = true});
+    FAIL() << "tied embeddings were offloaded";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("tied"), std::string::npos) << e.what();
+  }
 }
 
 TEST(CudaModelRandom, AllocateRefusesACacheThatDoesNotFitAndSaysHowMuch) {

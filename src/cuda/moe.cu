@@ -26,12 +26,13 @@
 // and the up value of the same unit and slot and applies the clamped SwiGLU in registers,
 // writing bf16 h in slot order. down adds the bias and scatters fp32 rows to y by assignment.
 //
-// LoRA. An expert adapter extends the reduction: after the last K tile, r more k steps (padded
-// to 16) multiply B_e's rows (the same weight rows, permuted as above) by the slots' u =
-// scale · act · A_eᵀ, so the update lands in the accumulators before the epilogue. Its
-// fragments come straight from global memory: r is small, and B_e's rows for a CTA are read
-// once. The extension is a template flag, so the kernels without an adapter (the rollout hot
-// path) compile exactly as before.
+// LoRA. An expert adapter extends the reduction: r more k steps (padded to 16) multiply B_e's
+// rows (the same weight rows, permuted as above) by the slots' u = scale · act · A_eᵀ, so the
+// update lands in the accumulators before the epilogue; after the last K tile for decode
+// tilings, before the first for the wider ones (see lora_extension). Its fragments come
+// straight from global memory: r is small, and B_e's rows for a CTA are read once. The
+// extension is a template flag, so the kernels without an adapter (the rollout hot path)
+// compile exactly as before.
 //
 // u is a grouped [slots, in] x [in, r] product written in slot order by expert_lora_u_kernel
 // before the matmul: per CTA one tile of an expert's slots and 16 ranks, `in` split over 16
@@ -259,13 +260,29 @@ __device__ SlotTile locate_tile(const int32_t* offsets, int experts, int index, 
   return tile;
 }
 
-// Elements k and k + 1 of a bf16 row as an MMA pair (k in the low half), 0 past r or for a
-// null row (a feature or slot past the tile's end).
-__device__ __forceinline__ uint32_t lora_pair(const __nv_bfloat16* row, int k, int r) {
-  if (row == nullptr) return 0;
-  const uint32_t lo = k < r ? __bfloat16_as_ushort(row[k]) : 0u;
-  const uint32_t hi = k + 1 < r ? __bfloat16_as_ushort(row[k + 1]) : 0u;
-  return lo | hi << 16;
+// 2 bytes of global memory, or 0 where !valid (then nothing is read). Predicated, not
+// branched around, so the loads of a LoRA extension step issue together.
+__device__ __forceinline__ uint32_t load_u16_or_zero(const void* p, bool valid) {
+  uint16_t v;
+  asm volatile(
+      "{\n"
+      " .reg .pred p;\n"
+      " setp.ne.b32 p, %2, 0;\n"
+      " mov.b16 %0, 0;\n"
+      " @p ld.global.u16 %0, [%1];\n"
+      "}\n"
+      : "=h"(v)
+      : "l"(p), "r"(int(valid)));
+  return v;
+}
+
+// Ranks q .. q + 3 of a bf16 row of r (B_e's or u's) as the MMA pairs (q, q + 1), (q + 2,
+// q + 3); 0 past r, or where !valid (a feature or slot past the tile's end).
+__device__ __forceinline__ uint2 lora_quad(const __nv_bfloat16* row, int q, int r, bool valid) {
+  uint32_t v[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) v[i] = load_u16_or_zero(row + q + i, valid && q + i < r);
+  return make_uint2(v[0] | v[1] << 16, v[2] | v[3] << 16);
 }
 
 // Tile row -> weight row (relative to the CTA's first feature). gate_up: within each
@@ -389,6 +406,47 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
 #pragma unroll
       for (int i = 0; i < 4; ++i) acc[mi][ni][i] = 0.0f;
 
+  // LoRA: the reduction continues over the adapter's r (see the top of the file), 16 ranks a
+  // step, lane t taking ranks k0 + 4t .. k0 + 4t + 3 of its B_e rows and slots: an order of the
+  // k terms that A and B share, so each thread loads 4 consecutive ranks a row, all the step's
+  // loads before its MMAs. u is the u kernel's output, this grid's programmatic dependency.
+  // Decode tilings (<= 16 slots, one wave of CTAs streaming their weights) extend after the
+  // main loop, so the u kernel runs hidden behind it; the wider ones (many waves of CTAs, the
+  // u grid long over for most) extend before it, where the loads overlap the pipeline's fill
+  // instead of adding a round trip to the end of every CTA.
+  constexpr bool kLoraFirst = T::kRowsX > 16;
+  [[maybe_unused]] auto lora_extension = [&] {
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    const int r = lora.r;
+    const __nv_bfloat16* b_expert = lora.b + size_t(tile.expert) * out * r;
+    for (int k0 = 0; k0 < r; k0 += 16) {
+      const int q = k0 + 4 * t;
+      uint2 b_rows[T::kMi][2], u_rows[T::kNi];
+#pragma unroll
+      for (int mi = 0; mi < T::kMi; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int f = feature_begin + weight_row<kGateUp>(w_row0 + mi * 16 + 8 * h);
+          b_rows[mi][h] = lora_quad(b_expert + size_t(f) * r, q, r, f < out);
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < T::kNi; ++ni) {
+        const int slot = x_row0 + ni * 8;
+        u_rows[ni] = lora_quad(lora.u + size_t(tile.begin + slot) * r, q, r, slot < tile.rows);
+      }
+#pragma unroll
+      for (int mi = 0; mi < T::kMi; ++mi) {
+        const uint32_t a[4] = {b_rows[mi][0].x, b_rows[mi][1].x, b_rows[mi][0].y, b_rows[mi][1].y};
+#pragma unroll
+        for (int ni = 0; ni < T::kNi; ++ni) mma_bf16(acc[mi][ni], a, u_rows[ni].x, u_rows[ni].y);
+      }
+    }
+  };
+  if constexpr (kLora) {
+    if constexpr (kLoraFirst) lora_extension();
+  }
+
   // The MMAs of stage kt. kTail: the last, partial stage, whose blocks past the end of K are
   // skipped; kAnyScale: see decode_fp4_word.
   auto compute_stage = [&](int kt, auto any_scale, auto tail) {
@@ -481,33 +539,8 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
     main_loop(std::false_type{});
   }
 
-  // LoRA: the reduction continues over the adapter's r (see the top of the file), in the
-  // standard m16n8k16 fragment layout (k pairs 2t, 2t+1 and 2t+8, 2t+9).
   if constexpr (kLora) {
-    // u is the u kernel's output, this grid's programmatic dependency (see the top of the file).
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-    const int r = lora.r;
-    const __nv_bfloat16* b_expert = lora.b + size_t(tile.expert) * out * r;
-    for (int k0 = 0; k0 < r; k0 += 16) {
-      uint32_t a[T::kMi][4];
-#pragma unroll
-      for (int mi = 0; mi < T::kMi; ++mi) {
-        const int f0 = feature_begin + weight_row<kGateUp>(w_row0 + mi * 16);
-        const int f1 = feature_begin + weight_row<kGateUp>(w_row0 + mi * 16 + 8);
-        const __nv_bfloat16* row0 = f0 < out ? b_expert + size_t(f0) * r : nullptr;
-        const __nv_bfloat16* row1 = f1 < out ? b_expert + size_t(f1) * r : nullptr;
-        a[mi][0] = lora_pair(row0, k0 + 2 * t, r), a[mi][1] = lora_pair(row1, k0 + 2 * t, r);
-        a[mi][2] = lora_pair(row0, k0 + 2 * t + 8, r), a[mi][3] = lora_pair(row1, k0 + 2 * t + 8, r);
-      }
-#pragma unroll
-      for (int ni = 0; ni < T::kNi; ++ni) {
-        const int slot = x_row0 + ni * 8;
-        const __nv_bfloat16* u = slot < tile.rows ? lora.u + size_t(tile.begin + slot) * r : nullptr;
-        const uint32_t b0 = lora_pair(u, k0 + 2 * t, r), b1 = lora_pair(u, k0 + 2 * t + 8, r);
-#pragma unroll
-        for (int mi = 0; mi < T::kMi; ++mi) mma_bf16(acc[mi][ni], a[mi], b0, b1);
-      }
-    }
+    if constexpr (!kLoraFirst) lora_extension();
   }
 
   // Epilogue. acc[mi][ni][i]: tile row w_row0 + 16 mi + 8 (i / 2), slot x_row0 - g + 8 ni + 2t + i % 2.

@@ -7,7 +7,10 @@
 // Per-expert LoRA (the policy's adapters in rollouts, cuda/lora.h's layout): expert e's
 // output gains scale · (act · A_eᵀ) · B_eᵀ before its epilogue (so before the SwiGLU of
 // gate_up). The kernels first write u [n_tokens*k, r] bf16 = scale · act · A_eᵀ per slot, then
-// extend each matmul's reduction by r with B_e as the weight and u as the activation.
+// extend each matmul's reduction by r with B_e as the weight and u as the activation; the
+// matmul overlaps the u kernel (programmatic dependent launch), which callers see as plain
+// stream order. At the 20b shape a rank-16 adapter adds 1.4 µs to a decode token's gate_up
+// and down, 2-4% at prefill (tests/cuda/moe_bench).
 #pragma once
 
 #include <cstdint>

@@ -1,7 +1,9 @@
 // Per-expert LoRA in the MoE expert kernels (cuda/moe.h) against the CPU oracle's moe_forward
 // (model/cpu/moe.h) with LayerAdapters holding random, nonzero lora_B for every expert of
-// gate_up_proj and down_proj: MXFP4 and bf16 experts, every tile shape of the dispatch, ranks
-// below, at and above one k16 step (odd ones too), routing from the oracle's router.
+// gate_up_proj and down_proj: MXFP4 and bf16 experts, every tile shape of the dispatch (so the
+// extension both after the main loop, decode tilings, and before it, wide ones), both tilings
+// of the u kernel (<= 8 and more slots per expert), ranks below, at and above one k16 step
+// (odd ones too), routing from the oracle's router.
 //
 // Each stage is checked on what the GPU fed it, so errors do not compound:
 //   u = scale · act · A_eᵀ (bf16, per slot) against the exact product: within its bf16 rounding;

@@ -10,6 +10,9 @@
 //   u_d = h · A_dᵀ                                                [R, r] bf16, kept
 //   acc = h · D_eᵀ per expert; y = acc + d_e + s·u_d·B_dᵀ         [R, H] fp32, assignment order, kept
 //   residual += Σ_s w_s y_s                                       (cuda/moe.h's combine)
+// "kept": in the call's MoeTrainActivations (the caller's, or the block's own), with the
+// routing; the rest (logits, acc, the grouped order `sorted`, and backward's dys, dg, v) is the
+// block's scratch, valid within one call.
 // Backward:
 //   dw_s = dout · y_s -> dlogits -> dxn = dlogits · Wr; dys = w_s · dout   (grouped order, bf16)
 //   v_d = s·dys·B_d; grad_Bd += s·dysᵀ·u_d; grad_Ad += v_dᵀ·h
@@ -79,16 +82,23 @@ struct Plan {
       stage = std::min(experts * largest, std::max(largest, d.mxfp4_stage_bytes / sizeof(bf16)));
     }
   }
-  size_t bytes() const {
-    return tokens * experts * sizeof(float)                     // router logits
-           + tokens * k * (sizeof(int32_t) + sizeof(float))      // expert index, weight
+  // What a MoeTrainActivations holds.
+  size_t activation_bytes() const {
+    return tokens * k * (sizeof(int32_t) + sizeof(float))       // expert index, weight
            + (experts + 1) * sizeof(int32_t)                     // offsets
-           + 2 * rows * sizeof(int32_t)                          // sorted, position
+           + rows * sizeof(int32_t)                              // position
            + rows * hidden * sizeof(bf16)                        // xs
            + rows * 2 * intermediate * sizeof(bf16)              // g
            + rows * intermediate * sizeof(bf16)                  // h
            + rows * hidden * sizeof(float)                       // y
-           + 3 * rows * rank * sizeof(bf16)                      // u_g, u_d, v
+           + 2 * rows * rank * sizeof(bf16);                     // u_g, u_d
+  }
+  // The block: its scratch and one call's activations of its own.
+  size_t bytes() const {
+    return activation_bytes()                                    //
+           + tokens * experts * sizeof(float)                    // router logits
+           + rows * sizeof(int32_t)                              // sorted
+           + rows * rank * sizeof(bf16)                          // v
            + rows * acc_cols * sizeof(float)                     // acc
            + rows * hidden * sizeof(bf16)                        // dys
            + rows * 2 * intermediate * sizeof(bf16)              // dg
@@ -134,14 +144,76 @@ RankOperand<T> b_operand(T* b, const DeviceAdapter& ad) {
   return {b, int64_t(ad.out) * ad.r, ad.r, 1};
 }
 
+void check_dims(const MoeTrainDims& dims, int max_tokens, const char* what) {
+  OSSRL_CHECK(max_tokens > 0, "{}: max_tokens must be positive (got {})", what, max_tokens);
+  OSSRL_CHECK(dims.hidden > 0 && dims.hidden % 32 == 0 && dims.intermediate > 0 && dims.intermediate % 32 == 0,
+              "{}: hidden ({}) and intermediate ({}) must be positive multiples of 32", what, dims.hidden,
+              dims.intermediate);
+  OSSRL_CHECK(dims.k >= 1 && dims.k <= kMaxK && dims.experts >= dims.k && dims.experts <= kMaxExperts,
+              "{}: {} experts per token of {} (at most {} of {})", what, dims.k, dims.experts, kMaxK, kMaxExperts);
+  OSSRL_CHECK(dims.lora_r >= 0, "{}: negative LoRA rank {}", what, dims.lora_r);
+}
+
 }  // namespace
+
+struct MoeTrainActivations::State {
+  MoeTrainDims d;
+  Plan plan;
+  DeviceBuffer<float> expert_weight, y;
+  DeviceBuffer<int32_t> expert_index, offsets, position;
+  DeviceBuffer<bf16> xs, g, h, u_gate_up, u_down;
+
+  // The forward's routing, on the host.
+  int n = 0;
+  std::vector<int32_t> host_offsets;
+  std::vector<int> experts_with_rows;
+  int max_rows = 0;
+
+  State(const MoeTrainDims& dims, int max_tokens)
+      : d(dims),
+        plan(dims, max_tokens),
+        expert_weight(plan.tokens * plan.k, "MoE expert weights"),
+        y(plan.rows * plan.hidden, "MoE expert outputs"),
+        expert_index(plan.tokens * plan.k, "MoE expert index"),
+        offsets(plan.experts + 1, "MoE expert offsets"),
+        position(plan.rows, "MoE assignment positions"),
+        xs(plan.rows * plan.hidden, "MoE gathered inputs"),
+        g(plan.rows * 2 * plan.intermediate, "MoE gate_up pre-activations"),
+        h(plan.rows * plan.intermediate, "MoE SwiGLU outputs"),
+        u_gate_up(plan.rows * plan.rank, "MoE gate_up LoRA activations"),
+        u_down(plan.rows * plan.rank, "MoE down LoRA activations"),
+        host_offsets(plan.experts + 1) {}
+
+  ExpertRows rows() const { return {offsets.data(), d.experts, max_rows}; }
+
+  // The experts_with_rows[first .. first + count) as a launch's ExpertRows.
+  ExpertRows chunk_rows(size_t first, size_t count) const {
+    const int e0 = experts_with_rows[first], e1 = experts_with_rows[first + count - 1];
+    int most = 0;
+    for (int e = e0; e <= e1; ++e) most = std::max(most, host_offsets[size_t(e) + 1] - host_offsets[size_t(e)]);
+    return {offsets.data(), e1 - e0 + 1, most, e0};
+  }
+};
+
+size_t MoeTrainActivations::bytes(const MoeTrainDims& dims, int max_tokens) {
+  return Plan(dims, max_tokens).activation_bytes();
+}
+
+MoeTrainActivations::MoeTrainActivations(const MoeTrainDims& dims, int max_tokens) {
+  check_dims(dims, max_tokens, "MoE training activations");
+  state_ = new State(dims, max_tokens);
+}
+
+MoeTrainActivations::~MoeTrainActivations() { delete state_; }
 
 struct MoeTrainBlock::Impl {
   MoeTrainDims d;
   Plan plan;
-  DeviceBuffer<float> logits, expert_weight, y, acc;
-  DeviceBuffer<int32_t> expert_index, offsets, sorted, position;
-  DeviceBuffer<bf16> xs, g, h, u_gate_up, u_down, v, dys, dg;
+  MoeTrainActivations own;  // a forward's with no `keep`
+  // Scratch: valid within one call.
+  DeviceBuffer<float> logits, acc;
+  DeviceBuffer<int32_t> sorted;
+  DeviceBuffer<bf16> v, dys, dg;
   DeviceBuffer<bf16> stage[2];
   // Streams before the Blas objects that use them: members are destroyed in reverse order.
   Stream lane_streams[kLanes - 1];
@@ -152,37 +224,33 @@ struct MoeTrainBlock::Impl {
   std::vector<std::unique_ptr<Blas>> lanes;  // lanes 1.. (lane 0 is the caller's Blas)
   Event fork, join[kLanes], stage_ready[2], lane_done[kLanes][2];  // join[kLanes - 1]: the epilogue stream
 
-  // The last forward's routing, on the host.
-  int n = 0;
-  std::vector<int32_t> host_offsets;
-  std::vector<int> experts_with_rows;
-  int max_rows = 0;
-
   Impl(const MoeTrainDims& dims, int max_tokens)
       : d(dims),
         plan(dims, max_tokens),
+        own(dims, max_tokens),
         logits(plan.tokens * plan.experts, "MoE router logits"),
-        expert_weight(plan.tokens * plan.k, "MoE expert weights"),
-        y(plan.rows * plan.hidden, "MoE expert outputs"),
         acc(plan.rows * plan.acc_cols, "MoE GEMM outputs"),
-        expert_index(plan.tokens * plan.k, "MoE expert index"),
-        offsets(plan.experts + 1, "MoE expert offsets"),
         sorted(plan.rows, "MoE sorted assignments"),
-        position(plan.rows, "MoE assignment positions"),
-        xs(plan.rows * plan.hidden, "MoE gathered inputs"),
-        g(plan.rows * 2 * plan.intermediate, "MoE gate_up pre-activations"),
-        h(plan.rows * plan.intermediate, "MoE SwiGLU outputs"),
-        u_gate_up(plan.rows * plan.rank, "MoE gate_up LoRA activations"),
-        u_down(plan.rows * plan.rank, "MoE down LoRA activations"),
         v(plan.rows * plan.rank, "MoE LoRA backward scratch"),
         dys(plan.rows * plan.hidden, "MoE expert output gradients"),
         dg(plan.rows * 2 * plan.intermediate, "MoE gate_up gradients"),
-        stage{DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage"), DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage")},
-        host_offsets(plan.experts + 1) {
+        stage{DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage"), DeviceBuffer<bf16>(plan.stage, "MXFP4 expert stage")} {
     for (int l = 1; l < kLanes; ++l) lanes.push_back(std::make_unique<Blas>(lane_streams[l - 1].s));
   }
 
-  ExpertRows rows() const { return {offsets.data(), d.experts, max_rows}; }
+  using Activations = MoeTrainActivations::State;
+
+  // `a` holds a call of `tokens` tokens of this block's shape.
+  void check_activations(const Activations& a, int tokens) const {
+    OSSRL_CHECK(a.d.hidden == d.hidden && a.d.intermediate == d.intermediate && a.d.experts == d.experts &&
+                    a.d.k == d.k && a.d.lora_r == d.lora_r,
+                "MoE training block: activations of hidden {}, intermediate {}, {} experts, top-{}, r {} for a block "
+                "of hidden {}, intermediate {}, {} experts, top-{}, r {}",
+                a.d.hidden, a.d.intermediate, a.d.experts, a.d.k, a.d.lora_r, d.hidden, d.intermediate, d.experts,
+                d.k, d.lora_r);
+    OSSRL_CHECK(size_t(tokens) <= a.plan.tokens, "MoE training block: {} tokens, activations built for at most {}",
+                tokens, a.plan.tokens);
+  }
 
   void check(int tokens, const MoeTrainWeights& w, const DeviceAdapter* gate_up, const DeviceAdapter* down) const {
     OSSRL_CHECK(tokens >= 0 && size_t(tokens) <= plan.tokens, "MoE training block: {} tokens, built for at most {}",
@@ -215,22 +283,17 @@ struct MoeTrainBlock::Impl {
     check_adapter(down, d.hidden, d.intermediate, "down_proj");
   }
 
-  // The experts_with_rows[first .. first + count) as a launch's ExpertRows.
-  ExpertRows chunk_rows(size_t first, size_t count) const {
-    const int e0 = experts_with_rows[first], e1 = experts_with_rows[first + count - 1];
-    int most = 0;
-    for (int e = e0; e <= e1; ++e) most = std::max(most, host_offsets[size_t(e) + 1] - host_offsets[size_t(e)]);
-    return {offsets.data(), e1 - e0 + 1, most, e0};
-  }
-
-  // One projection's expert GEMMs: out [R, forward ? w.out : w.in] fp32 = per expert e, over
-  // its rows of x,
+  // One projection's expert GEMMs over the row ranges of a's routing: out [R, forward ? w.out :
+  // w.in] fp32 = per expert e, over its rows of x,
   //   forward: x [R, w.in] · W_eᵀ        backward: x [R, w.out] · W_e
   // in chunks of experts; finish(rows, stream) launches the epilogue of a chunk's rows on the
   // epilogue stream as soon as that chunk's GEMMs are done, while the lanes go on. Everything is
   // joined back into the caller's stream at the end.
   template <class Finish>
-  void expert_pass(Blas& blas, const ExpertWeights& w, bool forward, const bf16* x, float* out, Finish finish) {
+  void expert_pass(Blas& blas, const Activations& a, const ExpertWeights& w, bool forward, const bf16* x, float* out,
+                   Finish finish) {
+    const std::vector<int>& experts_with_rows = a.experts_with_rows;
+    const std::vector<int32_t>& host_offsets = a.host_offsets;
     if (experts_with_rows.empty()) return;
     const cudaStream_t main = blas.stream();
     auto lane_stream = [&](int l) { return l == 0 ? main : lane_streams[l - 1].s; };
@@ -287,7 +350,7 @@ struct MoeTrainBlock::Impl {
         OSSRL_CUDA_CHECK(cudaEventRecord(lane_done[l][buf].e, lane_stream(l)));
         OSSRL_CUDA_CHECK(cudaStreamWaitEvent(epilogue_stream.s, lane_done[l][buf].e));
       }
-      finish(chunk_rows(first, count), epilogue_stream.s);
+      finish(a.chunk_rows(first, count), epilogue_stream.s);
     }
     for (int l = 1; l <= kLanes; ++l) {
       const cudaStream_t s = l < kLanes ? lane_streams[l - 1].s : epilogue_stream.s;
@@ -300,114 +363,111 @@ struct MoeTrainBlock::Impl {
 size_t MoeTrainBlock::bytes(const MoeTrainDims& dims, int max_tokens) { return Plan(dims, max_tokens).bytes(); }
 
 MoeTrainBlock::MoeTrainBlock(const MoeTrainDims& dims, int max_tokens) {
-  OSSRL_CHECK(max_tokens > 0, "MoE training block: max_tokens must be positive (got {})", max_tokens);
-  OSSRL_CHECK(dims.hidden > 0 && dims.hidden % 32 == 0 && dims.intermediate > 0 && dims.intermediate % 32 == 0,
-              "MoE training block: hidden ({}) and intermediate ({}) must be positive multiples of 32", dims.hidden,
-              dims.intermediate);
-  OSSRL_CHECK(dims.k >= 1 && dims.k <= kMaxK && dims.experts >= dims.k && dims.experts <= kMaxExperts,
-              "MoE training block: {} experts per token of {} (at most {} of {})", dims.k, dims.experts, kMaxK,
-              kMaxExperts);
-  OSSRL_CHECK(dims.lora_r >= 0, "MoE training block: negative LoRA rank {}", dims.lora_r);
+  check_dims(dims, max_tokens, "MoE training block");
   impl_ = new Impl(dims, max_tokens);
 }
 
 MoeTrainBlock::~MoeTrainBlock() { delete impl_; }
 
 void MoeTrainBlock::forward(Blas& blas, float* residual, const bf16* xn, int n, const MoeTrainWeights& w,
-                            const DeviceAdapter* gate_up, const DeviceAdapter* down) {
+                            const DeviceAdapter* gate_up, const DeviceAdapter* down, MoeTrainActivations* keep) {
   Impl& m = *impl_;
+  Impl::Activations& a = keep != nullptr ? *keep->state_ : *m.own.state_;
   m.check(n, w, gate_up, down);
-  m.n = n;
+  m.check_activations(a, n);
+  a.n = n;
   if (n == 0) return;
   const MoeTrainDims& d = m.d;
   const cudaStream_t stream = blas.stream();
   const int rows_total = n * d.k;
 
   linear_forward(blas, m.logits.data(), xn, w.router_weight, nullptr, n, d.hidden, d.experts, false);
-  router_topk_forward(m.expert_index.data(), m.expert_weight.data(), m.logits.data(), w.router_bias, n, d.experts, d.k,
+  router_topk_forward(a.expert_index.data(), a.expert_weight.data(), m.logits.data(), w.router_bias, n, d.experts, d.k,
                       stream);
-  moe_group_by_expert(m.offsets.data(), m.sorted.data(), m.expert_index.data(), n, d.k, d.experts, stream);
+  moe_group_by_expert(a.offsets.data(), m.sorted.data(), a.expert_index.data(), n, d.k, d.experts, stream);
   // The one host sync: the GEMMs' row ranges.
-  OSSRL_CUDA_CHECK(cudaMemcpyAsync(m.host_offsets.data(), m.offsets.data(), m.host_offsets.size() * sizeof(int32_t),
+  OSSRL_CUDA_CHECK(cudaMemcpyAsync(a.host_offsets.data(), a.offsets.data(), a.host_offsets.size() * sizeof(int32_t),
                                    cudaMemcpyDeviceToHost, stream));
   OSSRL_CUDA_CHECK(cudaStreamSynchronize(stream));
-  m.experts_with_rows.clear();
-  m.max_rows = 0;
+  a.experts_with_rows.clear();
+  a.max_rows = 0;
   for (int e = 0; e < d.experts; ++e) {
-    const int count = m.host_offsets[size_t(e) + 1] - m.host_offsets[size_t(e)];
-    if (count > 0) m.experts_with_rows.push_back(e);
-    m.max_rows = std::max(m.max_rows, count);
+    const int count = a.host_offsets[size_t(e) + 1] - a.host_offsets[size_t(e)];
+    if (count > 0) a.experts_with_rows.push_back(e);
+    a.max_rows = std::max(a.max_rows, count);
   }
-  const ExpertRows rows = m.rows();
+  const ExpertRows rows = a.rows();
 
-  moe_train::gather_rows(m.xs.data(), m.position.data(), xn, m.sorted.data(), rows_total, d.k, d.hidden, stream);
+  moe_train::gather_rows(a.xs.data(), a.position.data(), xn, m.sorted.data(), rows_total, d.k, d.hidden, stream);
   LowRankUpdate gate_up_update, down_update;
   if (adapter_on(gate_up)) {
-    moe_train::lora_project(m.u_gate_up.data(), m.xs.data(), d.hidden, a_operand<const bf16>(gate_up->a16, *gate_up),
+    moe_train::lora_project(a.u_gate_up.data(), a.xs.data(), d.hidden, a_operand<const bf16>(gate_up->a16, *gate_up),
                             d.lora_r, 1.0f, rows, stream);
-    gate_up_update = {m.u_gate_up.data(), b_operand<const bf16>(gate_up->b16, *gate_up), d.lora_r, gate_up->scale};
+    gate_up_update = {a.u_gate_up.data(), b_operand<const bf16>(gate_up->b16, *gate_up), d.lora_r, gate_up->scale};
   }
-  m.expert_pass(blas, w.gate_up, /*forward=*/true, m.xs.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
-    moe_train::gate_up_epilogue(m.g.data(), m.h.data(), m.acc.data(), w.gate_up.bias, gate_up_update, d.intermediate,
+  m.expert_pass(blas, a, w.gate_up, /*forward=*/true, a.xs.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::gate_up_epilogue(a.g.data(), a.h.data(), m.acc.data(), w.gate_up.bias, gate_up_update, d.intermediate,
                                 d.swiglu_limit, r, s);
   });
   if (adapter_on(down)) {
-    moe_train::lora_project(m.u_down.data(), m.h.data(), d.intermediate, a_operand<const bf16>(down->a16, *down),
+    moe_train::lora_project(a.u_down.data(), a.h.data(), d.intermediate, a_operand<const bf16>(down->a16, *down),
                             d.lora_r, 1.0f, rows, stream);
-    down_update = {m.u_down.data(), b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale};
+    down_update = {a.u_down.data(), b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale};
   }
-  m.expert_pass(blas, w.down, /*forward=*/true, m.h.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
-    moe_train::store_rows_epilogue(m.y.data(), m.acc.data(), d.hidden, w.down.bias, m.sorted.data(), down_update, r,
+  m.expert_pass(blas, a, w.down, /*forward=*/true, a.h.data(), m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::store_rows_epilogue(a.y.data(), m.acc.data(), d.hidden, w.down.bias, m.sorted.data(), down_update, r,
                                    s);
   });
-  moe_combine(residual, m.y.data(), m.expert_weight.data(), n, d.k, d.hidden, stream);
+  moe_combine(residual, a.y.data(), a.expert_weight.data(), n, d.k, d.hidden, stream);
 }
 
 void MoeTrainBlock::backward(Blas& blas, float* dxn, const float* dout, const bf16* xn, int n, const MoeTrainWeights& w,
-                             const DeviceAdapter* gate_up, const DeviceAdapter* down) {
+                             const DeviceAdapter* gate_up, const DeviceAdapter* down, const MoeTrainActivations* from) {
   Impl& m = *impl_;
+  const Impl::Activations& a = from != nullptr ? *from->state_ : *m.own.state_;
   m.check(n, w, gate_up, down);
-  OSSRL_CHECK(n == m.n, "MoE training block: backward of {} tokens after a forward of {}", n, m.n);
+  m.check_activations(a, n);
+  OSSRL_CHECK(n == a.n, "MoE training block: backward of {} tokens after a forward of {}", n, a.n);
   OSSRL_CHECK(reinterpret_cast<uintptr_t>(dxn) % 16 == 0, "MoE training block: dxn must be 16-byte aligned");
   if (n == 0) return;
   const MoeTrainDims& d = m.d;
   const cudaStream_t stream = blas.stream();
-  const ExpertRows rows = m.rows();
+  const ExpertRows rows = a.rows();
   // xn's rows are already in xs (gathered by the forward this backward belongs to).
   (void)xn;
 
   bf16* dys = m.dys.data();
   bf16* dg = m.dg.data();
-  moe_train::router_backward(dxn, dys, dout, m.y.data(), m.expert_index.data(), m.expert_weight.data(),
-                             m.position.data(), w.router_weight, n, d.k, d.hidden, stream);
+  moe_train::router_backward(dxn, dys, dout, a.y.data(), a.expert_index.data(), a.expert_weight.data(),
+                             a.position.data(), w.router_weight, n, d.k, d.hidden, stream);
   LowRankUpdate dh_update, dxs_update;
   if (adapter_on(down)) {
     moe_train::lora_project(m.v.data(), dys, d.hidden, b_operand<const bf16>(down->b16, *down), d.lora_r, down->scale,
                             rows, stream);
-    moe_train::lora_weight_grad(b_operand(down->grad_b, *down), dys, d.hidden, m.u_down.data(), d.lora_r, down->scale,
+    moe_train::lora_weight_grad(b_operand(down->grad_b, *down), dys, d.hidden, a.u_down.data(), d.lora_r, down->scale,
                                 rows, stream);
-    moe_train::lora_weight_grad(a_operand(down->grad_a, *down), m.h.data(), d.intermediate, m.v.data(), d.lora_r, 1.0f,
+    moe_train::lora_weight_grad(a_operand(down->grad_a, *down), a.h.data(), d.intermediate, m.v.data(), d.lora_r, 1.0f,
                                 rows, stream);
     dh_update = {m.v.data(), a_operand<const bf16>(down->a16, *down), d.lora_r, 1.0f};
   }
-  m.expert_pass(blas, w.down, /*forward=*/false, dys, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
-    moe_train::swiglu_backward_epilogue(dg, m.acc.data(), m.g.data(), dh_update, d.intermediate, d.swiglu_limit, r, s);
+  m.expert_pass(blas, a, w.down, /*forward=*/false, dys, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+    moe_train::swiglu_backward_epilogue(dg, m.acc.data(), a.g.data(), dh_update, d.intermediate, d.swiglu_limit, r, s);
   });
   if (adapter_on(gate_up)) {
     moe_train::lora_project(m.v.data(), dg, 2 * d.intermediate, b_operand<const bf16>(gate_up->b16, *gate_up),
                             d.lora_r, gate_up->scale, rows, stream);
-    moe_train::lora_weight_grad(b_operand(gate_up->grad_b, *gate_up), dg, 2 * d.intermediate, m.u_gate_up.data(),
+    moe_train::lora_weight_grad(b_operand(gate_up->grad_b, *gate_up), dg, 2 * d.intermediate, a.u_gate_up.data(),
                                 d.lora_r, gate_up->scale, rows, stream);
-    moe_train::lora_weight_grad(a_operand(gate_up->grad_a, *gate_up), m.xs.data(), d.hidden, m.v.data(), d.lora_r,
+    moe_train::lora_weight_grad(a_operand(gate_up->grad_a, *gate_up), a.xs.data(), d.hidden, m.v.data(), d.lora_r,
                                 1.0f, rows, stream);
     dxs_update = {m.v.data(), a_operand<const bf16>(gate_up->a16, *gate_up), d.lora_r, 1.0f};
   }
-  m.expert_pass(blas, w.gate_up, /*forward=*/false, dg, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
+  m.expert_pass(blas, a, w.gate_up, /*forward=*/false, dg, m.acc.data(), [&](const ExpertRows& r, cudaStream_t s) {
     if (dxs_update.u != nullptr) {
       moe_train::store_rows_epilogue(m.acc.data(), m.acc.data(), d.hidden, nullptr, nullptr, dxs_update, r, s);
     }
   });
-  moe_train::sum_expert_rows(dxn, m.acc.data(), m.position.data(), n, d.k, d.hidden, stream);
+  moe_train::sum_expert_rows(dxn, m.acc.data(), a.position.data(), n, d.k, d.hidden, stream);
 }
 
 }  // namespace ossrl::cuda

@@ -45,29 +45,62 @@ struct MoeTrainWeights {
   ExpertWeights down;                            // [experts, hidden, intermediate]
 };
 
-// Holds one call's activations (one layer, up to max_tokens tokens) and the scratch of the
-// expert matmuls; the policy runs forward then backward per layer (recomputing), so one
-// instance serves every layer.
+// One forward's activations, kept for its backward (one layer's call of up to max_tokens
+// tokens): the routing (each token's experts and weights, where each (token, slot) sits in the
+// grouped order, the experts' row offsets on the device and the host), the gathered rows xs,
+// the gate_up pre-activations g, the SwiGLU outputs h, the expert outputs y and the LoRA u's.
+// None of the scratch (router logits, GEMM outputs, MXFP4 stages, backward's gradients), which
+// stays in the MoeTrainBlock and is shared by every call. With these kept per layer, backward
+// needs no recompute of the forward.
+//
+// Bytes per token (bytes() / max_tokens, plus (experts + 1) * 4 once): k * (12 + 6 * hidden
+// + 6 * intermediate + 4 * lora_r); at gpt-oss-20b's shape (hidden 2880, intermediate 2880,
+// top-4) 138,288 + 16 * lora_r: 138,544 at r 16 (135.3 KiB; 1024 tokens 135.3 MiB).
+class MoeTrainActivations {
+ public:
+  MoeTrainActivations(const MoeTrainDims& dims, int max_tokens);
+  // Bytes the constructor allocates on the device, for the memory plan.
+  static size_t bytes(const MoeTrainDims& dims, int max_tokens);
+
+  struct State;  // moe_train.cpp defines it
+
+ private:
+  friend class MoeTrainBlock;
+  State* state_;  // owned
+ public:
+  ~MoeTrainActivations();
+  MoeTrainActivations(const MoeTrainActivations&) = delete;
+  MoeTrainActivations& operator=(const MoeTrainActivations&) = delete;
+};
+
+// Holds the scratch of the expert matmuls and one call's activations of its own: run forward
+// then backward per layer (recomputing), and one instance serves every layer. Or keep each
+// layer's activations in a MoeTrainActivations of its own (forward's `keep`, backward's
+// `from`): then any number of forwards may precede their backwards, in any order.
 class MoeTrainBlock {
  public:
   MoeTrainBlock(const MoeTrainDims& dims, int max_tokens);
-  // Bytes the constructor allocates, for the memory plan.
+  // Bytes the constructor allocates, for the memory plan: the scratch plus one call's
+  // activations (MoeTrainActivations::bytes) of its own.
   static size_t bytes(const MoeTrainDims& dims, int max_tokens);
 
   // residual [n, hidden] fp32 += Σ_s weight_s · expert_s(xn[t]) over each token's top-k,
   // xn [n, hidden] bf16 (post_attention_layernorm's output). gate_up / down: the layer's
-  // expert adapters (null or inactive: none). Keeps the activations backward needs,
+  // expert adapters (null or inactive: none). Keeps the activations backward needs in `keep`
+  // (built for the block's dims and at least n tokens), or, when null, in the block's own,
   // replacing the last call's. n <= max_tokens.
   void forward(Blas& blas, float* residual, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
-               const DeviceAdapter* gate_up, const DeviceAdapter* down);
+               const DeviceAdapter* gate_up, const DeviceAdapter* down, MoeTrainActivations* keep = nullptr);
 
-  // Backward of the last forward (same xn, n, weights and adapters): dxn [n, hidden] fp32
-  // (16-byte aligned) is overwritten with dL/dxn given dout [n, hidden] fp32 = dL/d(block
-  // output), through the experts and their adapters and through the k softmax weights into the
-  // router logits (the choice of experts is not differentiated). Accumulates (+=) the adapters'
-  // grads. xn's rows are read from the copy the forward gathered, so xn must not have changed.
+  // Backward of the forward that kept `from` (null: the block's own, i.e. the last forward with
+  // no `keep`), given the same xn, n, weights and adapters: dxn [n, hidden] fp32 (16-byte
+  // aligned) is overwritten with dL/dxn given dout [n, hidden] fp32 = dL/d(block output),
+  // through the experts and their adapters and through the k softmax weights into the router
+  // logits (the choice of experts is not differentiated). Accumulates (+=) the adapters' grads.
+  // xn's rows are read from the copy the forward gathered, so xn must not have changed. `from`
+  // stays valid: a second backward from it gives the same result.
   void backward(Blas& blas, float* dxn, const float* dout, const __nv_bfloat16* xn, int n, const MoeTrainWeights& w,
-                const DeviceAdapter* gate_up, const DeviceAdapter* down);
+                const DeviceAdapter* gate_up, const DeviceAdapter* down, const MoeTrainActivations* from = nullptr);
 
  private:
   struct Impl;

@@ -2,7 +2,10 @@
 // intermediate 2880, 32 experts, top-4) on random weights (cuda/random_init.h): forward (with
 // the activations kept) and backward per layer, MXFP4 and bf16 experts, with and without LoRA
 // on both expert projections, and TFLOP/s of the expert matmuls (base + LoRA). Backward is timed
-// by repeating the backward of one forward (it reads only what forward kept).
+// by repeating the backward of one forward (it reads only what forward kept). Then the same with
+// the activations kept in a MoeTrainActivations of their own ("kept": forward keep + backward
+// from kept), and a layer's MoE cost per training step both ways: recomputing (forward, then
+// forward + backward in the backward pass) or keeping (forward keep + backward from kept).
 // Usage: moe_train_bench [iterations [tokens...]]   (default: 10, 4096)
 #include <cuda_runtime.h>
 
@@ -125,6 +128,12 @@ void bench(bool mxfp4, int r, int tokens, int iterations) {
                              iterations);
   const double bwd = time_ms(
       [&] { block.backward(blas, dxn.data(), dout.data(), xn.data(), tokens, w, gate_up_ad, down_ad); }, iterations);
+  cuda::MoeTrainActivations kept(dims, tokens);
+  const double fwd_keep = time_ms(
+      [&] { block.forward(blas, residual.data(), xn.data(), tokens, w, gate_up_ad, down_ad, &kept); }, iterations);
+  const double bwd_kept = time_ms(
+      [&] { block.backward(blas, dxn.data(), dout.data(), xn.data(), tokens, w, gate_up_ad, down_ad, &kept); },
+      iterations);
   OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
 
   // Expert matmul flops, rows = tokens * k: forward gate_up + down, backward their two input
@@ -136,6 +145,11 @@ void bench(bool mxfp4, int r, int tokens, int iterations) {
   std::printf("%-5s r %-3d %6d tokens | forward %7.3f ms %6.1f TFLOP/s | backward %7.3f ms %6.1f TFLOP/s | block %.2f GiB\n",
               mxfp4 ? "MXFP4" : "bf16", r, tokens, fwd, fwd_flops / fwd / 1e9, bwd, bwd_flops / bwd / 1e9,
               double(cuda::MoeTrainBlock::bytes(dims, tokens)) / double(1 << 30));
+  const size_t kept_bytes = cuda::MoeTrainActivations::bytes(dims, tokens);
+  std::printf("      kept: forward %7.3f ms | backward %7.3f ms | step per layer: recompute %7.3f ms, kept %7.3f ms | "
+              "kept %.0f B/token, %.3f GiB\n",
+              fwd_keep, bwd_kept, 2 * fwd + bwd, fwd_keep + bwd_kept, double(kept_bytes) / tokens,
+              double(kept_bytes) / double(1 << 30));
 }
 
 }  // namespace

@@ -190,6 +190,67 @@ struct TrainCase {
 
 void PrintTo(const TrainCase& c, std::ostream* os) { *os << c.name; }
 
+// A case's random layer on the host and the GPU: router (logits about unit spread; the unused
+// expert's bias far below any logit), experts, and (add_adapters) the expert adapters.
+struct RandomLayer {
+  std::vector<float> router, router_bias;
+  Experts gate_up, down;
+  std::vector<Adapter> adapters;  // [0] gate_up, [1] down when present
+  Adapter* gate_up_ad = nullptr;
+  Adapter* down_ad = nullptr;
+  cuda::DeviceBuffer<uint16_t> d_router;
+  cuda::DeviceBuffer<float> d_router_bias;
+  cuda::DeviceAdapter gate_up_dev, down_dev;
+
+  RandomLayer(const TrainCase& c, std::mt19937_64& rng)
+      : router(round_bf16(uniform(size_t(c.experts) * c.hidden, 2.0f / std::sqrt(float(c.hidden)), rng))),
+        router_bias(uniform(size_t(c.experts), 0.2f, rng)),
+        gate_up(c.mxfp4, c.experts, 2 * c.intermediate, c.hidden, rng),
+        down(c.mxfp4, c.experts, c.hidden, c.intermediate, rng) {
+    if (c.unused_expert) router_bias[size_t(c.experts) - 1] = -1e4f;
+    d_router = to_device_bf16(router);
+    d_router_bias = cuda::DeviceBuffer<float>(router_bias);
+  }
+  RandomLayer(const RandomLayer&) = delete;
+  RandomLayer& operator=(const RandomLayer&) = delete;
+
+  void add_adapters(const TrainCase& c, std::mt19937_64& rng) {
+    adapters.reserve(2);
+    if (c.r > 0 && c.gate_up_lora) {
+      gate_up_ad = &adapters.emplace_back(c.experts, c.r, c.hidden, 2 * c.intermediate, c.x_scale > 1.5f, rng);
+      gate_up_dev = gate_up_ad->device();
+    }
+    if (c.r > 0 && c.down_lora) {
+      down_ad = &adapters.emplace_back(c.experts, c.r, c.intermediate, c.hidden, false, rng);
+      down_dev = down_ad->device();
+    }
+  }
+  const cuda::DeviceAdapter* gate_up_arg() const { return gate_up_ad ? &gate_up_dev : nullptr; }
+  const cuda::DeviceAdapter* down_arg() const { return down_ad ? &down_dev : nullptr; }
+  cuda::MoeTrainWeights weights() const {
+    return {bf16_ptr(d_router), d_router_bias.data(), gate_up.view(), down.view()};
+  }
+  static cuda::MoeTrainDims dims(const TrainCase& c) {
+    return {c.hidden, c.intermediate, c.experts, c.k, kLimit, c.r, c.mxfp4 ? c.stage_bytes : 0};
+  }
+  // The device grads back to their initial values.
+  void reset_grads() {
+    for (Adapter& ad : adapters) {
+      ad.d_grad_a.upload(ad.grad_a0);
+      ad.d_grad_b.upload(ad.grad_b0);
+    }
+  }
+  // The device grads, A then B of each adapter.
+  std::vector<std::vector<float>> grads() const {
+    std::vector<std::vector<float>> all;
+    for (const Adapter& ad : adapters) {
+      all.push_back(ad.d_grad_a.download());
+      all.push_back(ad.d_grad_b.download());
+    }
+    return all;
+  }
+};
+
 // got vs ref: max |err| <= rel_max * max |ref| and rms(err) <= rel_rms * rms(ref) over the
 // elements `include` selects, with the worst element in the message.
 template <class Include>
@@ -227,12 +288,11 @@ TEST_P(MoeTrain, MatchesCpuOracle) {
   const TrainCase& c = GetParam();
   const int n = c.tokens, H = c.hidden, I = c.intermediate, E = c.experts, k = c.k;
   std::mt19937_64 rng(std::hash<std::string>{}(c.name));
-
-  // Router: logits about unit spread; the unused expert's bias is far below any logit.
-  const std::vector<float> router = round_bf16(uniform(size_t(E) * H, 2.0f / std::sqrt(float(H)), rng));
-  std::vector<float> router_bias = uniform(size_t(E), 0.2f, rng);
-  if (c.unused_expert) router_bias[size_t(E) - 1] = -1e4f;
-  const Experts gate_up(c.mxfp4, E, 2 * I, H, rng), down(c.mxfp4, E, H, I, rng);
+  RandomLayer layer(c, rng);
+  const std::vector<float>& router = layer.router;
+  const std::vector<float>& router_bias = layer.router_bias;
+  const Experts& gate_up = layer.gate_up;
+  const Experts& down = layer.down;
 
   // xn, redrawing a token until its k-th and (k+1)-th logits are 1e-3 apart: the GPU's logits
   // differ from the CPU's by fp32 summation order only, so both choose the same experts.
@@ -255,12 +315,9 @@ TEST_P(MoeTrain, MatchesCpuOracle) {
   const std::vector<float> residual = uniform(size_t(n) * H, 1.0f, rng);
   const std::vector<float> dout = uniform(size_t(n) * H, 1.0f, rng);
 
-  std::vector<Adapter> adapters;  // [0] gate_up, [1] down when present
-  adapters.reserve(2);
-  Adapter* gate_up_ad = nullptr;
-  Adapter* down_ad = nullptr;
-  if (c.r > 0 && c.gate_up_lora) gate_up_ad = &adapters.emplace_back(E, c.r, H, 2 * I, c.x_scale > 1.5f, rng);
-  if (c.r > 0 && c.down_lora) down_ad = &adapters.emplace_back(E, c.r, I, H, false, rng);
+  layer.add_adapters(c, rng);
+  Adapter* gate_up_ad = layer.gate_up_ad;
+  Adapter* down_ad = layer.down_ad;
 
   // ---- the oracle
   MoeWeights w;
@@ -315,19 +372,14 @@ TEST_P(MoeTrain, MatchesCpuOracle) {
 
   // ---- the GPU
   const auto d_x = to_device_bf16(x);
-  const auto d_router = to_device_bf16(router);
-  const cuda::DeviceBuffer<float> d_router_bias(router_bias), d_dout(dout);
+  const cuda::DeviceBuffer<float> d_dout(dout);
   cuda::DeviceBuffer<float> d_residual(residual), d_dxn(size_t(n) * H);
-  cuda::MoeTrainWeights weights{bf16_ptr(d_router), d_router_bias.data(), gate_up.view(), down.view()};
-  cuda::DeviceAdapter gate_up_dev, down_dev;
-  if (gate_up_ad) gate_up_dev = gate_up_ad->device();
-  if (down_ad) down_dev = down_ad->device();
-  const cuda::DeviceAdapter* gate_up_arg = gate_up_ad ? &gate_up_dev : nullptr;
-  const cuda::DeviceAdapter* down_arg = down_ad ? &down_dev : nullptr;
+  const cuda::MoeTrainWeights weights = layer.weights();
+  const cuda::DeviceAdapter* gate_up_arg = layer.gate_up_arg();
+  const cuda::DeviceAdapter* down_arg = layer.down_arg();
 
-  const cuda::MoeTrainDims train_dims{H, I, E, k, kLimit, c.r, c.mxfp4 ? c.stage_bytes : 0};
   cuda::Blas blas(nullptr);
-  cuda::MoeTrainBlock block(train_dims, n + 5);
+  cuda::MoeTrainBlock block(RandomLayer::dims(c), n + 5);
   // Poisoned dxn: backward must overwrite every element.
   OSSRL_CUDA_CHECK(cudaMemset(d_dxn.data(), 0xff, d_dxn.bytes()));
   block.forward(blas, d_residual.data(), bf16_ptr(d_x), n, weights, gate_up_arg, down_arg);
@@ -401,6 +453,115 @@ TEST_P(MoeTrain, MatchesCpuOracle) {
       }
     }
   }
+}
+
+// got equals want bit for bit, or the message names the first element that differs (row,
+// column, both values) and how many do.
+void expect_bits_equal(const std::vector<float>& got, const std::vector<float>& want, const std::string& what,
+                       int row_width) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t differ = 0, first = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (std::memcmp(&got[i], &want[i], sizeof(float)) != 0 && differ++ == 0) first = i;
+  }
+  EXPECT_EQ(differ, 0u) << what << ": " << differ << " of " << want.size() << " elements differ, the first at row "
+                        << first / size_t(row_width) << " column " << first % size_t(row_width) << ": "
+                        << got[first] << " vs " << want[first];
+}
+
+// Kept activations: forwards of two inputs (of different token counts) into two
+// MoeTrainActivations, a forward into the block's own in between, then the backwards in reverse
+// order equal, bit for bit, each input's forward + backward done back to back on the block's own
+// buffers (in that same reverse order, so the adapters' grads accumulate in the same order):
+// block output, dxn and grads. The block's own activations survive the kept calls: a backward
+// from them afterwards repeats their input's dxn.
+TEST_P(MoeTrain, KeptActivationsMatchOwn) {
+  OSSRL_REQUIRE_GPU();
+  const TrainCase& c = GetParam();
+  const int H = c.hidden, max_tokens = c.tokens + 5;
+  std::mt19937_64 rng(std::hash<std::string>{}(c.name + " kept"));
+  RandomLayer layer(c, rng);
+  layer.add_adapters(c, rng);
+  const cuda::MoeTrainWeights weights = layer.weights();
+  const cuda::DeviceAdapter* gate_up_arg = layer.gate_up_arg();
+  const cuda::DeviceAdapter* down_arg = layer.down_arg();
+
+  struct Input {
+    int n;
+    std::vector<float> residual;
+    cuda::DeviceBuffer<uint16_t> x;
+    cuda::DeviceBuffer<float> dout, d_residual, dxn;
+  };
+  std::vector<Input> inputs;
+  for (int n : {c.tokens, c.tokens / 2 + 1}) {
+    const size_t size = size_t(n) * H;
+    Input& in = inputs.emplace_back();
+    in.n = n;
+    in.residual = uniform(size, 1.0f, rng);
+    in.x = to_device_bf16(uniform(size, c.x_scale, rng));
+    in.dout = cuda::DeviceBuffer<float>(uniform(size, 1.0f, rng));
+    in.d_residual = cuda::DeviceBuffer<float>(size);
+    in.dxn = cuda::DeviceBuffer<float>(size);
+  }
+  auto start = [&](Input& in) {  // residual to its start, dxn poisoned
+    in.d_residual.upload(in.residual);
+    OSSRL_CUDA_CHECK(cudaMemset(in.dxn.data(), 0xff, in.dxn.bytes()));
+  };
+  cuda::Blas blas(nullptr);
+  cuda::MoeTrainBlock block(RandomLayer::dims(c), max_tokens);
+  auto forward = [&](Input& in, float* residual, cuda::MoeTrainActivations* keep) {
+    block.forward(blas, residual, bf16_ptr(in.x), in.n, weights, gate_up_arg, down_arg, keep);
+  };
+  auto backward = [&](Input& in, const cuda::MoeTrainActivations* from) {
+    block.backward(blas, in.dxn.data(), in.dout.data(), bf16_ptr(in.x), in.n, weights, gate_up_arg, down_arg, from);
+  };
+
+  // Reference: the block's own buffers, input 1 then input 0.
+  std::vector<float> want_out[2], want_dxn[2];
+  layer.reset_grads();
+  for (int i : {1, 0}) {
+    Input& in = inputs[size_t(i)];
+    start(in);
+    forward(in, in.d_residual.data(), nullptr);
+    backward(in, nullptr);
+    want_out[i] = in.d_residual.download();
+    want_dxn[i] = in.dxn.download();
+  }
+  const std::vector<std::vector<float>> want_grads = layer.grads();
+
+  // Kept: both forwards, one into the block's own between them, then the backwards 1, 0.
+  layer.reset_grads();
+  cuda::MoeTrainActivations kept0(RandomLayer::dims(c), max_tokens), kept1(RandomLayer::dims(c), inputs[1].n);
+  cuda::DeviceBuffer<float> sink(size_t(c.tokens) * H);
+  for (Input& in : inputs) start(in);
+  forward(inputs[0], inputs[0].d_residual.data(), &kept0);
+  forward(inputs[0], sink.data(), nullptr);
+  forward(inputs[1], inputs[1].d_residual.data(), &kept1);
+  backward(inputs[1], &kept1);
+  backward(inputs[0], &kept0);
+  OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
+  for (int i : {0, 1}) {
+    const std::string tag = " of input " + std::to_string(i) + " (" + std::to_string(inputs[size_t(i)].n) + " tokens)";
+    expect_bits_equal(inputs[size_t(i)].d_residual.download(), want_out[i], "output" + tag, H);
+    expect_bits_equal(inputs[size_t(i)].dxn.download(), want_dxn[i], "dxn" + tag, H);
+  }
+  const std::vector<std::vector<float>> got_grads = layer.grads();
+  ASSERT_EQ(got_grads.size(), want_grads.size());
+  for (size_t g = 0; g < got_grads.size(); ++g) {
+    const Adapter& ad = layer.adapters[g / 2];
+    const std::string name = std::string(&ad == layer.gate_up_ad ? "gate_up" : "down") + (g % 2 ? " grad_B" : " grad_A");
+    expect_bits_equal(got_grads[g], want_grads[g], name, g % 2 ? ad.r : ad.in);
+  }
+
+  start(inputs[0]);
+  backward(inputs[0], nullptr);
+  OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
+  expect_bits_equal(inputs[0].dxn.download(), want_dxn[0], "dxn from the block's own after the kept calls", H);
+  EXPECT_EQ(cuda::MoeTrainActivations::bytes(RandomLayer::dims(c), max_tokens) +
+                cuda::MoeTrainActivations::bytes(RandomLayer::dims(c), 1),
+            cuda::MoeTrainActivations::bytes(RandomLayer::dims(c), max_tokens + 1) +
+                size_t(c.experts + 1) * sizeof(int32_t))
+      << "activation bytes are not linear in tokens plus the offsets";
 }
 
 std::vector<TrainCase> cases() {
@@ -482,6 +643,19 @@ TEST(MoeTrainStage, RejectsMismatches) {
   EXPECT_THROW(wrong_shape.forward(blas, residual.data(), bf16_ptr(x), 8, weights, nullptr, nullptr), Error);
   cuda::MoeTrainBlock too_small({64, 64, 4, 2, kLimit, 0}, 4);
   EXPECT_THROW(too_small.forward(blas, residual.data(), bf16_ptr(x), 8, weights, nullptr, nullptr), Error);
+
+  // Kept activations of another shape, of too few tokens, or of another token count.
+  const cuda::MoeTrainDims dims{64, 64, 4, 2, kLimit, 0};
+  cuda::MoeTrainBlock block(dims, 8);
+  cuda::MoeTrainActivations other_shape({64, 64, 4, 2, kLimit, 4}, 8), too_few(dims, 4), kept(dims, 8);
+  EXPECT_THROW(block.forward(blas, residual.data(), bf16_ptr(x), 8, weights, nullptr, nullptr, &other_shape), Error);
+  EXPECT_THROW(block.forward(blas, residual.data(), bf16_ptr(x), 8, weights, nullptr, nullptr, &too_few), Error);
+  block.forward(blas, residual.data(), bf16_ptr(x), 8, weights, nullptr, nullptr, &kept);
+  cuda::DeviceBuffer<float> dout(64 * 8), dxn(64 * 8);
+  EXPECT_THROW(block.backward(blas, dxn.data(), dout.data(), bf16_ptr(x), 4, weights, nullptr, nullptr, &kept), Error);
+  EXPECT_THROW(block.backward(blas, dxn.data(), dout.data(), bf16_ptr(x), 8, weights, nullptr, nullptr, &too_few),
+               Error);
+  EXPECT_THROW(cuda::MoeTrainActivations(dims, 0), Error);
 }
 
 }  // namespace

@@ -44,6 +44,8 @@ struct TrainBenchArgs {
   std::vector<std::string> targets = {"attention", "experts"};
   bool train_sinks = false;
   std::string optimizer = "device";  // where AdamW's state lives: device | host
+  bool offload_embeddings = false;
+  bool recompute = true;  // activation recomputation in backward
   int moe_chunk_tokens = 4096;
   double moe_stage_gb = 0.25;
   double lm_head_workspace_gb = 0.25;
@@ -142,7 +144,8 @@ std::vector<int32_t> random_tokens(size_t n, int vocab, uint64_t seed, uint64_t 
 struct Timing {
   double rollout_s = 0, forward_s = 0, backward_s = 0, optimizer_s = 0;
   int64_t rollout_tokens = 0, update_tokens = 0;
-  size_t peak = 0;
+  size_t peak = 0;          // of the update phase
+  size_t rollout_peak = 0;  // of the rollout phase
   void add(const Timing& t) {
     rollout_s += t.rollout_s, forward_s += t.forward_s, backward_s += t.backward_s, optimizer_s += t.optimizer_s;
     rollout_tokens += t.rollout_tokens, update_tokens += t.update_tokens;
@@ -187,7 +190,8 @@ void run(const TrainBenchArgs& args) {
   const GptOssConfig config = args.model == "120b" ? GptOssConfig::gpt_oss_120b() : GptOssConfig::gpt_oss_20b();
   fmt::print("{}\n", cuda::device_summary(0));
   const size_t context_bytes = cuda::memory_in_use();
-  const auto model = CudaModel::random(config, args.experts == "mxfp4", args.seed);
+  const auto model =
+      CudaModel::random(config, args.experts == "mxfp4", args.seed, {.offload_embeddings = args.offload_embeddings});
   LoraConfig lora_config;
   lora_config.r = args.lora_r;
   lora_config.lora_alpha = 2.0 * args.lora_r;
@@ -206,17 +210,24 @@ void run(const TrainBenchArgs& args) {
               args.micro_batch_tokens, args.seq_len);
   CudaPolicyOptions options;
   options.max_tokens = per_forward * sequence_tokens;
+  options.recompute_activations = args.recompute;
   options.moe_chunk_tokens = args.moe_chunk_tokens;
   options.moe_stage_bytes = size_t(args.moe_stage_gb * kGiB);
   options.lm_head_workspace = size_t(args.lm_head_workspace_gb * kGiB);
   const size_t policy_bytes = CudaPolicy::bytes(config, args.lora_r, model->weights().mxfp4_experts(), options);
   fmt::print(
-      "gpt-oss-{} shape, random weights, {} experts; LoRA r={} on {} ({:.1f} M values{}), AdamW on the {}\n"
-      "GPU memory: weights {:.2f} GiB, adapters {:.2f} GiB, policy activations and workspace for {} tokens {:.2f} "
-      "GiB, CUDA context and libraries {:.2f} GiB\n",
+      "gpt-oss-{} shape, random weights, {} experts; LoRA r={} on {} ({:.1f} M values{}), AdamW on the {}, "
+      "activations {}\n"
+      "GPU memory: weights {:.2f} GiB{}, adapters {:.2f} GiB, policy activations and workspace for {} tokens "
+      "{:.2f} GiB, CUDA context and libraries {:.2f} GiB\n",
       args.model, args.experts, args.lora_r, fmt::join(lora_config.target_modules, ","),
       double(adapters.trainable()) / 1e6, args.train_sinks ? ", sinks trained" : "", args.optimizer,
-      double(model->memory_plan().weights) / kGiB, double(lora.bytes()) / kGiB, options.max_tokens,
+      args.recompute ? "recomputed layer by layer in backward" : "kept for backward (no recompute)",
+      double(model->memory_plan().weights) / kGiB,
+      args.offload_embeddings
+          ? fmt::format(" (embeddings on the host: {:.2f} GiB)", double(model->memory_plan().host_embeddings) / kGiB)
+          : std::string(),
+      double(lora.bytes()) / kGiB, options.max_tokens,
       double(policy_bytes) / kGiB, double(context_bytes) / kGiB);
 
   // Update mode trains on fixed random sequences, every token after the first scored.
@@ -235,7 +246,7 @@ void run(const TrainBenchArgs& args) {
   std::unique_ptr<CudaPolicy> policy;
   if (!args.grpo) policy = std::make_unique<CudaPolicy>(*model, &lora, options);
   Timing total;
-  size_t peak = 0;
+  size_t peak = 0, rollout_peak = 0;
   for (int step = 0; step < args.warmup + args.steps; ++step) {
     Timing t;
     std::vector<std::vector<int32_t>> sequences = fixed;
@@ -259,7 +270,7 @@ void run(const TrainBenchArgs& args) {
         engine_peak = rollout.stats().peak_gpu_bytes;
       }
       t.rollout_s = seconds_since(t0);
-      t.peak = std::max(t.peak, engine_peak);
+      t.rollout_peak = engine_peak;
       for (size_t i = 0; i < out.size(); ++i) {
         t.rollout_tokens += int64_t(out[i].tokens.size());
         sequences.push_back(prompts[i]);
@@ -274,13 +285,15 @@ void run(const TrainBenchArgs& args) {
     OSSRL_CHECK(report.applied(), "bench train: the optimizer skipped step {} (grad norm {})", step, report.grad_norm);
     if (step >= args.warmup) total.add(t);
     peak = std::max(peak, t.peak);
+    rollout_peak = std::max(rollout_peak, t.rollout_peak);
   }
   const double n = args.steps;
   const double update_s = (total.forward_s + total.backward_s + total.optimizer_s) / n;
   const double update_tokens_per_second = double(total.update_tokens) / n / update_s;
   const double mean_context = args.grpo ? args.prompt_tokens + args.completion_tokens / 2.0 : args.seq_len / 2.0;
-  // Forward, the recomputed forward and the input gradients each cost one forward's FLOPs.
-  const double flops_per_token = 3.0 * forward_flops_per_token(config, mean_context);
+  // Forward, the recomputed forward (when on) and the input gradients each cost one forward's
+  // FLOPs; the roofline counts the work the step must do, without the recompute.
+  const double flops_per_token = 2.0 * forward_flops_per_token(config, mean_context);
   const double roofline_percent = 100.0 * flops_per_token * update_tokens_per_second / kBf16Flops;
 
   nlohmann::json row = {{"model", args.model},
@@ -289,6 +302,7 @@ void run(const TrainBenchArgs& args) {
                         {"targets", lora_config.target_modules},
                         {"trainable_values", adapters.trainable()},
                         {"optimizer", args.optimizer},
+                        {"recompute", args.recompute},
                         {"micro_batch_tokens", options.max_tokens},
                         {"update_seconds", update_s},
                         {"forward_ms", 1e3 * total.forward_s / n},
@@ -318,21 +332,27 @@ void run(const TrainBenchArgs& args) {
                 {"seconds_per_step", rollout_s + update_s},
                 {"rollout_seconds", rollout_s},
                 {"rollout_tokens_per_second", rollout_tokens_per_second},
+                {"rollout_peak_gpu_bytes", rollout_peak},
+                {"update_peak_gpu_bytes", peak},
                 {"update_tokens_per_second", update_tokens_per_second},
                 {"tokens_per_second", update_tokens_per_second}});
-    fmt::print("\n{:>13} {:>13} {:>8} {:>11} {:>9} {:>11} {:>9} {:>9} {:>9}\n", "prompts x G", "prompt+compl",
-               "s/step", "rollout s", "rollout/s", "update s", "update/s", "% bf16", "peak GiB");
-    fmt::print("{:>13} {:>13} {:>8.2f} {:>11.2f} {:>9.0f} {:>11.2f} {:>9.0f} {:>9.1f} {:>9.2f}\n",
+    row["peak_gpu_bytes"] = std::max(peak, rollout_peak);
+    fmt::print("\n{:>13} {:>13} {:>8} {:>10} {:>9} {:>11} {:>9} {:>9} {:>8} {:>9} {:>9}\n", "prompts x G",
+               "prompt+compl", "s/step", "rollout s", "rollout/s", "rollout GiB", "update s", "update/s", "% bf16",
+               "update GiB", "peak GB");
+    fmt::print("{:>13} {:>13} {:>8.2f} {:>10.2f} {:>9.0f} {:>11.2f} {:>9.2f} {:>9.0f} {:>8.1f} {:>9.2f} {:>9.2f}\n",
                fmt::format("{} x {}", args.prompts, args.num_generations),
                fmt::format("{}+{}", args.prompt_tokens, args.completion_tokens), rollout_s + update_s, rollout_s,
-               rollout_tokens_per_second, update_s, update_tokens_per_second, roofline_percent, double(peak) / kGiB);
+               rollout_tokens_per_second, double(rollout_peak) / kGiB, update_s, update_tokens_per_second,
+               roofline_percent, double(peak) / kGiB, double(std::max(peak, rollout_peak)) / 1e9);
   }
   fmt::print(
       "\nmean of {} steps after {} warm-up. update: forward over each micro-batch (log-probs of the scored tokens), "
       "backward into the LoRA grads (each layer recomputed), AdamW with clipping; tokens/s counts every token "
-      "forwarded. % bf16: 3 x forward FLOPs ({:.1f} GFLOP/token at mean context {:.0f}) x update tokens/s / {:.0f} "
+      "forwarded. % bf16: 2 x forward FLOPs (forward and input gradients; {:.1f} GFLOP/token at mean context {:.0f}) x "
+      "update tokens/s / {:.0f} "
       "TFLOP/s. peak: device memory in use (all processes), highest seen after each rollout and backward.\n",
-      args.steps, args.warmup, flops_per_token / 3e9, mean_context, kBf16Flops / 1e12);
+      args.steps, args.warmup, flops_per_token / 2e9, mean_context, kBf16Flops / 1e12);
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path);
     out << nlohmann::json::array({row}).dump(2) << '\n';
@@ -360,6 +380,10 @@ Command add_bench_train(CLI::App& bench) {
                       "Where AdamW's fp32 values and moments live (host: the GPU keeps bf16 copies and one layer of grads)")
       ->capture_default_str()
       ->check(CLI::IsMember({"device", "host"}));
+  command->add_flag("!--no-recompute", args->recompute,
+                    "Keep every layer's activations for backward instead of recomputing them (more memory, less time)");
+  command->add_flag("--offload-embeddings", args->offload_embeddings,
+                    "Keep embed_tokens in host memory (the embedding reads its rows over PCIe)");
   command->add_option("--moe-chunk-tokens", args->moe_chunk_tokens, "Tokens of MoE activations held at once")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);

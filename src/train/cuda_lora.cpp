@@ -97,7 +97,7 @@ DeviceLora::DeviceLora(const DeviceWeights& base, const LoraConfig& config, Lora
   } else {
     grads_ = cuda::DeviceBuffer<float>(layer_numel, "LoRA grads of one layer");
     OSSRL_CUDA_CHECK(cudaMemset(grads_.data(), 0, grads_.bytes()));
-    staged_grads_.resize(layer_numel);
+    staged_grads_ = cuda::PinnedBuffer<float>(layer_numel, "staged LoRA grads");
     if (config_.train_sinks) {
       sink_values_ = cuda::DeviceBuffer<float>(size_t(c.num_hidden_layers) * size_t(heads), "trained sinks");
     }
@@ -216,14 +216,25 @@ void DeviceLora::layer_done(int l, cudaStream_t stream) {
   if (host_ == nullptr) return;
   OSSRL_CUDA_CHECK(cudaMemcpyAsync(staged_grads_.data(), grads_.data(), grads_.bytes(), cudaMemcpyDeviceToHost, stream));
   OSSRL_CUDA_CHECK(cudaMemsetAsync(grads_.data(), 0, grads_.bytes(), stream));
+  if (grad_pieces_.empty()) {
+    // The host Lora's tensors are fixed for its lifetime: map them once.
+    constexpr size_t kPiece = size_t(1) << 16;
+    grad_pieces_.resize(layers_.size());
+    for (Parameter& p : host_->parameters()) {
+      const size_t staged = offset_of(p) - layer_start_[size_t(p.layer)];
+      for (size_t at = 0; at < p.grad.size(); at += kPiece) {
+        grad_pieces_[size_t(p.layer)].push_back(
+            GradPiece{p.grad.data() + at, staged + at, std::min(kPiece, p.grad.size() - at)});
+      }
+    }
+  }
   OSSRL_CUDA_CHECK(cudaStreamSynchronize(stream));
-  for (Parameter& p : host_->parameters()) {
-    if (p.layer != l) continue;
-    const float* g = staged_grads_.data() + (offset_of(p) - layer_start_[size_t(l)]);
-    float* dst = p.grad.data();
-    const int64_t count = int64_t(p.grad.size());
-#pragma omp parallel for if (count > 65536)
-    for (int64_t i = 0; i < count; ++i) dst[i] += g[i];
+  const std::vector<GradPiece>& pieces = grad_pieces_[size_t(l)];
+  const float* staged = staged_grads_.data();
+#pragma omp parallel for schedule(dynamic, 4)
+  for (size_t i = 0; i < pieces.size(); ++i) {
+    const GradPiece& piece = pieces[i];
+    for (size_t j = 0; j < piece.count; ++j) piece.host[j] += staged[piece.staged + j];
   }
 }
 

@@ -92,7 +92,16 @@ class DeviceLora {
   // [layers, heads] (the attention kernels read fp32 sinks).
   cuda::DeviceBuffer<float> values_, grads_, exp_avg_, exp_avg_sq_;
   cuda::DeviceBuffer<float> sink_values_;
-  std::vector<float> staged_grads_;   // one layer's grads on the host (layer_done)
+  // layer_done's: one layer's grads on the host, and where each piece of them goes: a host
+  // grad and the run of staged values added into it, in pieces small enough to spread over
+  // threads.
+  struct GradPiece {
+    float* host;
+    size_t staged;  // offset in staged_grads_
+    size_t count;
+  };
+  cuda::PinnedBuffer<float> staged_grads_;
+  std::vector<std::vector<GradPiece>> grad_pieces_;  // [layers], built on first use
   cuda::DeviceBuffer<__nv_bfloat16> values_bf16_;
   std::vector<cuda::DeviceLayerAdapters> layers_;
 };

@@ -21,6 +21,44 @@ namespace {
 using bf16 = __nv_bfloat16;
 using cuda::DeviceBuffer;
 
+// Without recomputation a layer's MoE activations are kept whole: one chunk of every token.
+int moe_chunk_tokens(const CudaPolicyOptions& o) {
+  return o.recompute_activations ? std::min(o.moe_chunk_tokens, o.max_tokens) : o.max_tokens;
+}
+
+// One layer's attention-block activations for up to T tokens: what the forward leaves and the
+// backward reads. Also, without recomputation, each layer's MoE-block input (x_mid) and MoE
+// activations.
+struct AttentionBuffers {
+  DeviceBuffer<bf16> xn;             // [T, H] input_layernorm's output
+  DeviceBuffer<float> q;             // [T, heads, head_dim] after RoPE
+  DeviceBuffer<bf16> k, v;           // [T, kv_heads, head_dim]
+  DeviceBuffer<bf16> out;            // [T, q_dim] attention output, o_proj's input
+  DeviceBuffer<float> lse;           // [T, heads]
+  DeviceBuffer<bf16> u_q, u_k, u_v, u_o;  // [T, r] LoRA's x · Aᵀ
+
+  AttentionBuffers() = default;
+  AttentionBuffers(Allocator& a, const GptOssConfig& c, int r, int max_tokens) {
+    const size_t t = size_t(max_tokens), h = size_t(c.hidden_size);
+    const size_t q_dim = size_t(c.num_attention_heads) * size_t(c.head_dim);
+    const size_t kv_dim = size_t(c.num_key_value_heads) * size_t(c.head_dim);
+    xn = a.take<bf16>(t * h, "normed activations");
+    q = a.take<float>(t * q_dim, "rotated queries");
+    k = a.take<bf16>(t * kv_dim, "rotated keys");
+    v = a.take<bf16>(t * kv_dim, "values");
+    out = a.take<bf16>(t * q_dim, "attention output");
+    lse = a.take<float>(t * size_t(c.num_attention_heads), "attention log-sum-exp");
+    for (DeviceBuffer<bf16>* u : {&u_q, &u_k, &u_v, &u_o}) *u = a.take<bf16>(t * size_t(r), "LoRA activations");
+  }
+};
+
+// A layer's activations kept by the forward when the backward does not recompute.
+struct KeptLayer {
+  AttentionBuffers attention;
+  DeviceBuffer<float> x_mid;  // [T, H] the MoE block's input (residual after attention)
+  std::unique_ptr<cuda::MoeTrainActivations> moe;
+};
+
 // The policy's device arrays for steps of up to T tokens; built with a counting Allocator
 // it only adds up their bytes (the memory plan). L layers, H hidden, r the LoRA rank.
 struct PolicyBuffers {
@@ -30,17 +68,13 @@ struct PolicyBuffers {
   DeviceBuffer<int32_t> score_rows, targets;          // [T] rows of the final norm that predict a scored token
   // Kept by forward for backward: each layer's input, and the final norm's input at [L].
   DeviceBuffer<float> layer_inputs;  // [L + 1, T, H]
-  // One layer's activations (forward, or recomputed in backward).
+  // One layer's working set (forward, or recomputed in backward).
   DeviceBuffer<float> x;             // [T, H] the residual stream
-  DeviceBuffer<bf16> xn_attn;        // [T, H] input_layernorm's output
   DeviceBuffer<bf16> xn_moe;         // [T, H] post_attention_layernorm's output
   DeviceBuffer<float> qkv;           // [T, qkv_dim] the fused projection; dqkv in backward
   DeviceBuffer<bf16> qkv16;          // [T, qkv_dim] dqkv in bf16 (the dX GEMM's input)
-  DeviceBuffer<float> q;             // [T, heads, head_dim] after RoPE
-  DeviceBuffer<bf16> k, v;           // [T, kv_heads, head_dim]
-  DeviceBuffer<bf16> attn;           // [T, q_dim] attention output, o_proj's input
-  DeviceBuffer<float> attn_lse;      // [T, heads]
-  DeviceBuffer<bf16> u_q, u_k, u_v, u_o, lora_v;  // [T, r] LoRA intermediates
+  AttentionBuffers attention;    // the attention block's, when recomputed
+  DeviceBuffer<bf16> lora_v;         // [T, r] LoRA backward's intermediate
   DeviceBuffer<bf16> final_normed;   // [T, H] the scored rows, normed
   DeviceBuffer<float> logp, lse, entropy, dlogp;  // [T]
   // Backward.
@@ -67,16 +101,11 @@ struct PolicyBuffers {
     targets = a.take<int32_t>(t, "policy targets");
     layer_inputs = a.take<float>((layers + 1) * t * h, "layer inputs (activation checkpoints)");
     x = a.take<float>(t * h, "residual stream");
-    xn_attn = a.take<bf16>(t * h, "normed activations");
     xn_moe = a.take<bf16>(t * h, "normed activations");
     qkv = a.take<float>(t * qkv_dim, "qkv activations");
     qkv16 = a.take<bf16>(t * qkv_dim, "qkv gradient");
-    q = a.take<float>(t * q_dim, "rotated queries");
-    k = a.take<bf16>(t * kv_dim, "rotated keys");
-    v = a.take<bf16>(t * kv_dim, "values");
-    attn = a.take<bf16>(t * q_dim, "attention output");
-    attn_lse = a.take<float>(t * heads, "attention log-sum-exp");
-    for (DeviceBuffer<bf16>* u : {&u_q, &u_k, &u_v, &u_o, &lora_v}) *u = a.take<bf16>(t * size_t(r), "LoRA activations");
+    attention = AttentionBuffers(a, c, r, o.max_tokens);
+    lora_v = a.take<bf16>(t * size_t(r), "LoRA activations");
     final_normed = a.take<bf16>(t * h, "final normed rows");
     for (DeviceBuffer<float>* s : {&logp, &lse, &entropy, &dlogp}) *s = a.take<float>(t, "per-token log-probs");
     dres = a.take<float>(t * h, "residual gradient");
@@ -88,7 +117,7 @@ struct PolicyBuffers {
     dk = a.take<float>(t * kv_dim, "key gradient");
     dv = a.take<float>(t * kv_dim, "value gradient");
     attn_scratch = a.take<float>(t * heads, "attention backward scratch");
-    moe_sink = a.take<float>(size_t(std::min(o.moe_chunk_tokens, o.max_tokens)) * h, "recomputed MoE output");
+    moe_sink = a.take<float>(o.recompute_activations ? size_t(moe_chunk_tokens(o)) * h : 0, "recomputed MoE output");
   }
 };
 
@@ -119,6 +148,7 @@ struct CudaPolicy::Impl {
   cuda::Blas blas{nullptr};
   cuda::MoeTrainBlock moe;
   cuda::LmHeadLogprobs lm_head;
+  std::vector<KeptLayer> kept;  // [layers] without recomputation, else empty
 
   // The last forward with keep_activations, for backward.
   struct Saved {
@@ -135,10 +165,19 @@ struct CudaPolicy::Impl {
         c(m.config()),
         lora(l),
         options(o),
-        moe(moe_dims(m.config(), lora_rank(l), o, m.weights().mxfp4_experts()), std::min(o.moe_chunk_tokens, o.max_tokens)),
+        moe(moe_dims(m.config(), lora_rank(l), o, m.weights().mxfp4_experts()), moe_chunk_tokens(o)),
         lm_head(o.max_tokens, m.config().hidden_size, m.config().vocab_size, o.lm_head_workspace) {
     Allocator a;
     b = PolicyBuffers(a, c, lora_rank(l), o);
+    if (!o.recompute_activations) {
+      kept.resize(size_t(c.num_hidden_layers));
+      for (KeptLayer& k : kept) {
+        k.attention = AttentionBuffers(a, c, lora_rank(l), o.max_tokens);
+        k.x_mid = a.take<float>(size_t(o.max_tokens) * size_t(c.hidden_size), "MoE block inputs");
+        k.moe = std::make_unique<cuda::MoeTrainActivations>(moe_dims(c, lora_rank(l), o, w.mxfp4_experts()),
+                                                            o.max_tokens);
+      }
+    }
     buffer_bytes = a.bytes();
   }
 
@@ -184,77 +223,87 @@ struct CudaPolicy::Impl {
     return ad != nullptr && ad->sinks != nullptr ? ad->sinks : w.layers[size_t(l)].sinks.data();
   }
 
-  // x [n, H] += attention(input_layernorm(x)) for layer l, leaving in the buffers what
+  // x [n, H] += attention(input_layernorm(x)) for layer l, leaving in `a` what
   // attention_backward needs.
-  void attention_forward(int l, const Saved& s, const cuda::DeviceLayerAdapters* ad) {
+  void attention_forward(int l, const Saved& s, const cuda::DeviceLayerAdapters* ad, AttentionBuffers& a) {
     const DeviceLayer& layer = w.layers[size_t(l)];
     const int n = s.n, h = hidden();
-    cuda::rmsnorm_forward(b.xn_attn.data(), b.x.data(), layer.input_layernorm.data(), nullptr, n, h, eps(), nullptr);
-    cuda::linear_forward(blas, b.qkv.data(), b.xn_attn.data(), layer.qkv.data(), layer.qkv_bias.data(), n, h,
-                         qkv_dim(), false);
+    cuda::rmsnorm_forward(a.xn.data(), b.x.data(), layer.input_layernorm.data(), nullptr, n, h, eps(), nullptr);
+    cuda::linear_forward(blas, b.qkv.data(), a.xn.data(), layer.qkv.data(), layer.qkv_bias.data(), n, h, qkv_dim(),
+                         false);
     if (ad != nullptr) {
-      cuda::lora_forward(blas, b.qkv.data(), qkv_dim(), b.xn_attn.data(), n, ad->q_proj, b.u_q.data());
-      cuda::lora_forward(blas, b.qkv.data() + q_dim(), qkv_dim(), b.xn_attn.data(), n, ad->k_proj, b.u_k.data());
-      cuda::lora_forward(blas, b.qkv.data() + q_dim() + kv_dim(), qkv_dim(), b.xn_attn.data(), n, ad->v_proj,
-                         b.u_v.data());
+      cuda::lora_forward(blas, b.qkv.data(), qkv_dim(), a.xn.data(), n, ad->q_proj, a.u_q.data());
+      cuda::lora_forward(blas, b.qkv.data() + q_dim(), qkv_dim(), a.xn.data(), n, ad->k_proj, a.u_k.data());
+      cuda::lora_forward(blas, b.qkv.data() + q_dim() + kv_dim(), qkv_dim(), a.xn.data(), n, ad->v_proj,
+                         a.u_v.data());
     }
     // RoPE writes k and v as a "cache" whose slot i is token i.
-    cuda::rope_qkv_forward(b.q.data(), b.k.data(), b.v.data(), b.qkv.data(), b.positions.data(), b.kv_slots.data(),
+    cuda::rope_qkv_forward(a.q.data(), a.k.data(), a.v.data(), b.qkv.data(), b.positions.data(), b.kv_slots.data(),
                            w.inv_freq.data(), w.attention_scaling, n, c.num_attention_heads, c.num_key_value_heads,
                            c.head_dim, nullptr);
-    cuda::flash_attention_forward(b.attn.data(), b.attn_lse.data(), b.q.data(), b.k.data(), b.v.data(), sinks(l, ad),
+    cuda::flash_attention_forward(a.out.data(), a.lse.data(), a.q.data(), a.k.data(), a.v.data(), sinks(l, ad),
                                   attention_shape(s, l), nullptr);
-    cuda::linear_forward(blas, b.x.data(), b.attn.data(), layer.o_proj.data(), layer.o_bias.data(), n, q_dim(), h,
+    cuda::linear_forward(blas, b.x.data(), a.out.data(), layer.o_proj.data(), layer.o_bias.data(), n, q_dim(), h,
                          true);
-    if (ad != nullptr) cuda::lora_forward(blas, b.x.data(), h, b.attn.data(), n, ad->o_proj, b.u_o.data());
+    if (ad != nullptr) cuda::lora_forward(blas, b.x.data(), h, a.out.data(), n, ad->o_proj, a.u_o.data());
   }
 
-  // x [n, H] += moe(post_attention_layernorm(x)) for layer l (no activations kept).
-  void moe_forward(int l, int n, const cuda::DeviceLayerAdapters* ad) {
+  // x [n, H] += moe(post_attention_layernorm(x)) for layer l; its activations go to `keep`
+  // (one chunk of every token) or nowhere that outlives the next call.
+  void moe_forward(int l, int n, const cuda::DeviceLayerAdapters* ad, cuda::MoeTrainActivations* keep) {
     const int h = hidden();
     cuda::rmsnorm_forward(b.xn_moe.data(), b.x.data(), w.layers[size_t(l)].post_attention_layernorm.data(), nullptr,
                           n, h, eps(), nullptr);
     for (int first = 0; first < n; first += moe_chunk()) {
       const int count = std::min(moe_chunk(), n - first);
       moe.forward(blas, b.x.data() + size_t(first) * size_t(h), b.xn_moe.data() + size_t(first) * size_t(h), count,
-                  moe_weights(l), ad ? &ad->gate_up_proj : nullptr, ad ? &ad->down_proj : nullptr);
+                  moe_weights(l), ad ? &ad->gate_up_proj : nullptr, ad ? &ad->down_proj : nullptr, keep);
     }
   }
-  int moe_chunk() const { return std::min(options.moe_chunk_tokens, options.max_tokens); }
+  int moe_chunk() const { return moe_chunk_tokens(options); }
 
-  // Given dres = dL/d(layer output) for layer l, whose input is layer_input(l): recomputes
-  // the layer and leaves dres = dL/d(layer input), accumulating the adapters' grads.
+  // Given dres = dL/d(layer output) for layer l, whose input is layer_input(l): leaves dres =
+  // dL/d(layer input), accumulating the adapters' grads. Recomputes the layer's activations,
+  // or reads the ones the forward kept.
   void layer_backward(int l, const Saved& s, const cuda::DeviceLayerAdapters* ad) {
     const DeviceLayer& layer = w.layers[size_t(l)];
     const int n = s.n, h = hidden();
     const size_t nh = size_t(n) * size_t(h);
-    OSSRL_CUDA_CHECK(cudaMemcpyAsync(b.x.data(), layer_input(l), nh * sizeof(float), cudaMemcpyDeviceToDevice));
-    attention_forward(l, s, ad);  // b.x is now the MoE block's input
-
-    // MoE block, a chunk of tokens at a time: recompute its activations, then backward.
-    cuda::rmsnorm_forward(b.xn_moe.data(), b.x.data(), layer.post_attention_layernorm.data(), nullptr, n, h, eps(),
-                          nullptr);
-    for (int first = 0; first < n; first += moe_chunk()) {
-      const int count = std::min(moe_chunk(), n - first);
-      const size_t at = size_t(first) * size_t(h);
-      moe.forward(blas, b.moe_sink.data(), b.xn_moe.data() + at, count, moe_weights(l),
-                  ad ? &ad->gate_up_proj : nullptr, ad ? &ad->down_proj : nullptr);
-      moe.backward(blas, b.dy.data() + at, b.dres.data() + at, b.xn_moe.data() + at, count, moe_weights(l),
-                   ad ? &ad->gate_up_proj : nullptr, ad ? &ad->down_proj : nullptr);
+    const cuda::DeviceAdapter* gate_up = ad ? &ad->gate_up_proj : nullptr;
+    const cuda::DeviceAdapter* down = ad ? &ad->down_proj : nullptr;
+    AttentionBuffers& a = kept.empty() ? b.attention : kept[size_t(l)].attention;
+    const float* x_mid = b.x.data();
+    if (kept.empty()) {
+      OSSRL_CUDA_CHECK(cudaMemcpyAsync(b.x.data(), layer_input(l), nh * sizeof(float), cudaMemcpyDeviceToDevice));
+      attention_forward(l, s, ad, a);  // b.x is now the MoE block's input
+      // The MoE block a chunk of tokens at a time: recompute its activations, then backward.
+      cuda::rmsnorm_forward(b.xn_moe.data(), b.x.data(), layer.post_attention_layernorm.data(), nullptr, n, h, eps(),
+                            nullptr);
+      for (int first = 0; first < n; first += moe_chunk()) {
+        const int count = std::min(moe_chunk(), n - first);
+        const size_t at = size_t(first) * size_t(h);
+        moe.forward(blas, b.moe_sink.data(), b.xn_moe.data() + at, count, moe_weights(l), gate_up, down);
+        moe.backward(blas, b.dy.data() + at, b.dres.data() + at, b.xn_moe.data() + at, count, moe_weights(l), gate_up,
+                     down);
+      }
+    } else {
+      KeptLayer& k = kept[size_t(l)];
+      x_mid = k.x_mid.data();
+      moe.backward(blas, b.dy.data(), b.dres.data(), b.xn_moe.data(), n, moe_weights(l), gate_up, down, k.moe.get());
     }
-    cuda::rmsnorm_backward(b.dres.data(), b.dy.data(), b.x.data(), layer.post_attention_layernorm.data(), n, h, eps(),
+    cuda::rmsnorm_backward(b.dres.data(), b.dy.data(), x_mid, layer.post_attention_layernorm.data(), n, h, eps(),
                            nullptr);
 
     // Attention block: o_proj, attention, RoPE, qkv, input_layernorm.
     cuda::to_bf16(b.dres16.data(), b.dres.data(), nh, nullptr);
     cuda::linear_backward_input(blas, b.dattn.data(), b.dres16.data(), layer.o_proj.data(), n, q_dim(), h, false);
     if (ad != nullptr) {
-      cuda::lora_backward(blas, b.dattn.data(), b.dres16.data(), h, b.attn.data(), b.u_o.data(), n, ad->o_proj,
+      cuda::lora_backward(blas, b.dattn.data(), b.dres16.data(), h, a.out.data(), a.u_o.data(), n, ad->o_proj,
                           b.lora_v.data());
     }
     cuda::flash_attention_backward(b.dq.data(), b.dk.data(), b.dv.data(), ad ? ad->grad_sinks : nullptr,
-                                   b.attn_scratch.data(), b.dattn.data(), b.q.data(), b.k.data(), b.v.data(),
-                                   sinks(l, ad), b.attn.data(), b.attn_lse.data(), attention_shape(s, l), nullptr);
+                                   b.attn_scratch.data(), b.dattn.data(), a.q.data(), a.k.data(), a.v.data(),
+                                   sinks(l, ad), a.out.data(), a.lse.data(), attention_shape(s, l), nullptr);
     float* dqkv = b.qkv.data();  // the projection's output is not needed any more
     cuda::rope_qkv_backward(dqkv, b.dq.data(), b.dk.data(), b.dv.data(), b.positions.data(), w.inv_freq.data(),
                             w.attention_scaling, n, c.num_attention_heads, c.num_key_value_heads, c.head_dim, nullptr);
@@ -262,11 +311,11 @@ struct CudaPolicy::Impl {
     cuda::linear_backward_input(blas, b.dy.data(), b.qkv16.data(), layer.qkv.data(), n, h, qkv_dim(), false);
     if (ad != nullptr) {
       const bf16* dqkv16 = b.qkv16.data();
-      cuda::lora_backward(blas, b.dy.data(), dqkv16, qkv_dim(), b.xn_attn.data(), b.u_q.data(), n, ad->q_proj,
+      cuda::lora_backward(blas, b.dy.data(), dqkv16, qkv_dim(), a.xn.data(), a.u_q.data(), n, ad->q_proj,
                           b.lora_v.data());
-      cuda::lora_backward(blas, b.dy.data(), dqkv16 + q_dim(), qkv_dim(), b.xn_attn.data(), b.u_k.data(), n,
+      cuda::lora_backward(blas, b.dy.data(), dqkv16 + q_dim(), qkv_dim(), a.xn.data(), a.u_k.data(), n,
                           ad->k_proj, b.lora_v.data());
-      cuda::lora_backward(blas, b.dy.data(), dqkv16 + q_dim() + kv_dim(), qkv_dim(), b.xn_attn.data(), b.u_v.data(),
+      cuda::lora_backward(blas, b.dy.data(), dqkv16 + q_dim() + kv_dim(), qkv_dim(), a.xn.data(), a.u_v.data(),
                           n, ad->v_proj, b.lora_v.data());
     }
     cuda::rmsnorm_backward(b.dres.data(), b.dy.data(), layer_input(l), layer.input_layernorm.data(), n, h, eps(),
@@ -312,8 +361,17 @@ void CudaPolicy::zero_grad() {
 size_t CudaPolicy::bytes(const GptOssConfig& config, int lora_r, bool mxfp4, const CudaPolicyOptions& options) {
   Allocator counter(/*count_only=*/true);
   [[maybe_unused]] const PolicyBuffers counted(counter, config, lora_r, options);
-  const int chunk = std::min(options.moe_chunk_tokens, options.max_tokens);
-  return counter.bytes() + cuda::MoeTrainBlock::bytes(moe_dims(config, lora_r, options, mxfp4), chunk) + options.lm_head_workspace;
+  size_t kept = 0;
+  if (!options.recompute_activations) {  // one layer's kept activations, times the layers
+    Allocator layer(/*count_only=*/true);
+    [[maybe_unused]] const AttentionBuffers attention(layer, config, lora_r, options.max_tokens);
+    (void)layer.take<float>(size_t(options.max_tokens) * size_t(config.hidden_size), "MoE block inputs");
+    kept = size_t(config.num_hidden_layers) *
+           (layer.bytes() + cuda::MoeTrainActivations::bytes(moe_dims(config, lora_r, options, mxfp4), options.max_tokens));
+  }
+  return counter.bytes() + kept + cuda::MoeTrainBlock::bytes(moe_dims(config, lora_r, options, mxfp4),
+                                                             moe_chunk_tokens(options)) +
+         options.lm_head_workspace;
 }
 
 size_t CudaPolicy::bytes() const {
@@ -356,14 +414,17 @@ PolicyOutput CudaPolicy::forward(std::span<const int32_t> tokens, std::span<cons
   auto layer_adapters = [&](int l) { return adapters ? &m.lora->layers()[size_t(l)] : nullptr; };
 
   const size_t nh = size_t(n) * size_t(m.hidden());
-  cuda::embedding_forward(m.b.x.data(), m.w.embed_tokens.data(), m.b.tokens.data(), n, m.hidden(), nullptr);
+  cuda::embedding_forward(m.b.x.data(), m.w.embedding_table(), m.b.tokens.data(), n, m.hidden(), nullptr);
   for (int l = 0; l < m.c.num_hidden_layers; ++l) {
     if (options.keep_activations) {
       OSSRL_CUDA_CHECK(
           cudaMemcpyAsync(m.layer_input(l), m.b.x.data(), nh * sizeof(float), cudaMemcpyDeviceToDevice));
     }
-    m.attention_forward(l, s, layer_adapters(l));
-    m.moe_forward(l, n, layer_adapters(l));
+    // Without recomputation a kept forward leaves each layer's activations in its own buffers.
+    KeptLayer* k = options.keep_activations && !m.kept.empty() ? &m.kept[size_t(l)] : nullptr;
+    m.attention_forward(l, s, layer_adapters(l), k ? k->attention : m.b.attention);
+    if (k) OSSRL_CUDA_CHECK(cudaMemcpyAsync(k->x_mid.data(), m.b.x.data(), nh * sizeof(float), cudaMemcpyDeviceToDevice));
+    m.moe_forward(l, n, layer_adapters(l), k ? k->moe.get() : nullptr);
   }
   const int scored = int(s.rows.size());
   if (options.keep_activations) {

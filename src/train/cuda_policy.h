@@ -2,11 +2,12 @@
 // log-probs of a ragged batch of whole sequences and their gradient with respect to every
 // LoRA value — over the weights the rollout engine uses (one copy, engine/cuda_weights.h).
 //
-// Memory: forward keeps only each layer's input (fp32 [tokens, hidden]) and, for the scored
-// rows, the final norm's output and log-sum-exp; backward recomputes one layer at a time
-// (attention block, then the MoE block in token chunks, each chunk's forward and backward
-// back to back), so activations cost O(tokens · hidden · layers) plus one layer's working
-// set. The lm_head never forms a [tokens, vocab] tensor (cuda/logprobs.h). Attention is
+// Memory: forward keeps each layer's input (fp32 [tokens, hidden]) and, for the scored rows,
+// the log-sum-exp; backward recomputes one layer at a time (attention block, then the MoE
+// block in token chunks, each chunk's forward and backward back to back), so activations
+// cost O(tokens · hidden · layers) plus one layer's working set. Where memory allows,
+// recompute_activations off keeps every layer's activations instead and saves that
+// recompute (a third of the step's FLOPs). The lm_head never forms a [tokens, vocab] tensor (cuda/logprobs.h). Attention is
 // flash-style (cuda/flash_attention.h), O(tokens) for any length.
 #pragma once
 
@@ -23,6 +24,10 @@ namespace ossrl {
 
 struct CudaPolicyOptions {
   int max_tokens = 4096;       // tokens of one forward (a micro-batch)
+  // On: forward keeps each layer's input only and backward recomputes the layer (activation
+  // checkpointing, O(tokens · hidden · layers)). Off: forward keeps every layer's activations
+  // (~185 KiB a token a layer at the 20b shape) and backward skips the recompute.
+  bool recompute_activations = true;
   int moe_chunk_tokens = 4096; // the MoE block's activations are this many tokens at a time
   size_t lm_head_workspace = size_t(256) << 20;  // bytes of logits block (cuda/logprobs.h)
   // Each of the two buffers MXFP4 experts are decoded into for the MoE GEMMs (cuda/moe_train.h).

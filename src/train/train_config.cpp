@@ -85,6 +85,7 @@ std::vector<Field> fields(TrainConfig& c) {
       {"device", &c.device},
       {"rollout_batch_size", &c.rollout_batch_size},
       {"kv_cache_gb", &c.kv_cache_gb},
+      {"offload_embeddings", &c.offload_embeddings},
   };
 }
 

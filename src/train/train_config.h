@@ -107,6 +107,7 @@ struct TrainConfig {
   std::string device = "cpu";
   int rollout_batch_size = 0;  // cuda: sequences decoding at once (0: the whole generation batch)
   double kv_cache_gb = 0.0;    // cuda: KV cache of the rollouts in GiB (0: what rollout_batch_size needs)
+  bool offload_embeddings = false;  // cuda: embed_tokens in host memory (1.08 GiB less on the GPU for gpt-oss)
 
   double lr() const { return learning_rate.value_or(trainer == "sft" ? 2e-5 : 1e-6); }
   // Completions generated per step (grpo) and the prompts they come from.

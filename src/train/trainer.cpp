@@ -163,12 +163,13 @@ Trainer::Trainer(TrainConfig config, std::vector<std::unique_ptr<RewardFunction>
 #if OSSRL_HAVE_CUDA
     OSSRL_CHECK(cuda::device_count() > 0, "device = \"cuda\": no GPU on this machine");
     gpu_ = std::make_unique<Gpu>();  // the adapters go up once the run's are known (below)
-    gpu_->model = CudaModel::load(config_.model_name_or_path);
+    gpu_->model = CudaModel::load(config_.model_name_or_path, {.offload_embeddings = config_.offload_embeddings});
     gpu_->lora = std::make_unique<DeviceLora>(gpu_->model->weights(), *lora_);
     // The largest micro-batch: its activations must fit beside the weights and the adapters.
     const int tokens = config_.per_device_train_batch_size * (config_.max_prompt_length + config_.max_completion_length);
     CudaPolicyOptions options;
     options.max_tokens = tokens;
+    options.recompute_activations = config_.recompute_activations;
     const size_t needed =
         CudaPolicy::bytes(model_->config(), lora_->config().r, gpu_->model->weights().mxfp4_experts(), options);
     const size_t free_bytes = cuda::memory_free();
@@ -256,6 +257,7 @@ TrainablePolicy& Trainer::update_policy(int tokens) {
       CudaPolicyOptions options;
       options.max_tokens = std::max(tokens, config_.per_device_train_batch_size *
                                                 (config_.max_prompt_length + config_.max_completion_length));
+      options.recompute_activations = config_.recompute_activations;
       gpu_->policy = std::make_unique<CudaPolicy>(*gpu_->model, gpu_->lora.get(), options);
       gpu_->policy_tokens = options.max_tokens;
     }

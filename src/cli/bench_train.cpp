@@ -258,6 +258,7 @@ void run(const TrainBenchArgs& args) {
       engine.max_batch = args.rollout_batch > 0 ? args.rollout_batch : step_sequences;
       engine.max_sequence_length = sequence_tokens;
       engine.kv_pages = engine.max_batch * ((sequence_tokens + engine.page_size - 1) / engine.page_size);
+      engine.prefill_chunk = 2048;  // as the trainer: the workspace scales with it
       GenerateOptions generation;
       generation.max_new_tokens = args.completion_tokens;
       generation.seed = args.seed + uint64_t(step);

@@ -650,7 +650,11 @@ std::vector<float> CudaEngine::Impl::log_probs(std::span<const int32_t> all_toke
 
 CudaEngine::CudaEngine(CudaModel& model, const EngineOptions& options)
     : impl_(std::make_unique<Impl>(model, options)) {}
-CudaEngine::~CudaEngine() = default;
+CudaEngine::~CudaEngine() {
+  CudaModel& model = impl_->model;
+  impl_.reset();    // the graphs first: they point into the model's buffers
+  model.release();  // the KV cache and workspace go with the engine
+}
 
 std::vector<Generation> CudaEngine::generate(const std::vector<std::vector<int32_t>>& prompts,
                                              const GenerateOptions& options) {

@@ -60,6 +60,7 @@ class CudaEngine {
   // Allocates the model's KV cache and workspace for these options (CudaModel::allocate),
   // replacing what an earlier engine on the same model allocated: one engine per model at a time.
   CudaEngine(CudaModel& model, const EngineOptions& options);
+  // Frees the model's KV cache and workspace (CudaModel::release).
   ~CudaEngine();
   CudaEngine(const CudaEngine&) = delete;
   CudaEngine& operator=(const CudaEngine&) = delete;

@@ -362,6 +362,16 @@ MemoryPlan CudaModel::memory_plan() const {
                     host_embeddings};
 }
 
+void CudaModel::release() {
+  Impl& m = *impl_;
+  m.kv_cache = {};
+  m.ws = {};
+  m.step = {};
+  m.kv_bytes = m.workspace_bytes = 0;
+  m.capacity = {};
+  m.kv_pages = m.page_size = 0;
+}
+
 void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_size) {
   Impl& m = *impl_;
   const GptOssConfig& c = m.config;
@@ -370,13 +380,7 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
               "CUDA model: step capacity (tokens {}, sequences {}, tiles {}, pages per sequence {}), kv_pages "
               "{} and page_size {} must all be positive", capacity.max_tokens, capacity.max_sequences,
               capacity.max_tiles, capacity.max_pages_per_seq, kv_pages, page_size);
-  // Free the old allocation first: its memory counts as free for the new one.
-  m.kv_cache = {};
-  m.ws = {};
-  m.step = {};
-  m.kv_bytes = m.workspace_bytes = 0;
-  m.capacity = {};
-  m.kv_pages = m.page_size = 0;
+  release();  // the old allocation's memory counts as free for the new one
 
   const size_t kv_elements = size_t(c.num_hidden_layers) * 2 * size_t(kv_pages) * size_t(page_size) *
                              size_t(c.num_key_value_heads) * size_t(c.head_dim);

@@ -91,6 +91,9 @@ class CudaModel {
   // workspace and step buffers for steps up to `capacity`; replaces any earlier allocation.
   // Throws an Error with the bytes needed when it does not fit.
   void allocate(const StepCapacity& capacity, int kv_pages, int page_size);
+  // Frees the KV cache, workspace and step buffers (allocate() again before a forward): what
+  // an engine does when it goes, so training can use the memory between rollouts.
+  void release();
   const StepCapacity& capacity() const;
   MemoryPlan memory_plan() const;
   StepBuffers& step();

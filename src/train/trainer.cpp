@@ -304,6 +304,9 @@ std::vector<Generation> Trainer::generate_with_policy(const std::vector<std::vec
     for (const auto& p : prompts) longest = std::max(longest, int(p.size()));
     engine.max_sequence_length = longest + config_.max_completion_length;
     engine.kv_cache_gb = config_.kv_cache_gb;
+    // Prompt tokens per step: the workspace scales with it, and GRPO's prompts are few (each
+    // group's prompt is prefilled once), so a small chunk costs no time and saves memory.
+    engine.prefill_chunk = 2048;
     if (config_.kv_cache_gb == 0.0) {  // what max_batch sequences of the longest length need
       engine.kv_pages = engine.max_batch * ((engine.max_sequence_length + engine.page_size - 1) / engine.page_size);
     }

@@ -349,11 +349,12 @@ void run(const TrainBenchArgs& args) {
   }
   fmt::print(
       "\nmean of {} steps after {} warm-up. update: forward over each micro-batch (log-probs of the scored tokens), "
-      "backward into the LoRA grads (each layer recomputed), AdamW with clipping; tokens/s counts every token "
+      "backward into the LoRA grads ({}), AdamW with clipping; tokens/s counts every token "
       "forwarded. % bf16: 2 x forward FLOPs (forward and input gradients; {:.1f} GFLOP/token at mean context {:.0f}) x "
       "update tokens/s / {:.0f} "
       "TFLOP/s. peak: device memory in use (all processes), highest seen after each rollout and backward.\n",
-      args.steps, args.warmup, flops_per_token / 2e9, mean_context, kBf16Flops / 1e12);
+      args.steps, args.warmup, args.recompute ? "each layer recomputed" : "from the kept activations",
+      flops_per_token / 2e9, mean_context, kBf16Flops / 1e12);
   if (!args.json_path.empty()) {
     std::ofstream out(args.json_path);
     out << nlohmann::json::array({row}).dump(2) << '\n';

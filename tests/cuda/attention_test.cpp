@@ -43,13 +43,6 @@ struct AttentionCase {
   bool via_graph = false;  // launch inside a captured CUDA graph
 };
 
-std::vector<float> random_values(size_t n, float scale, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 void run_case(const AttentionCase& c) {
   SCOPED_TRACE(c.name);
   std::mt19937 rng(1234);
@@ -82,8 +75,8 @@ void run_case(const AttentionCase& c) {
   std::vector<uint16_t> k_cache(size_t(slots * kv_row), kNanBits), v_cache(k_cache);
   std::vector<std::vector<float>> k_seq(n_seqs), v_seq(n_seqs);
   for (int s = 0; s < n_seqs; ++s) {
-    k_seq[s] = test::round_bf16(random_values(size_t(lengths[s] * kv_row), 1.0f, rng));
-    v_seq[s] = test::round_bf16(random_values(size_t(lengths[s] * kv_row), 1.0f, rng));
+    k_seq[s] = test::round_bf16(test::uniform_vector(size_t(lengths[s] * kv_row), 1.0f, rng));
+    v_seq[s] = test::round_bf16(test::uniform_vector(size_t(lengths[s] * kv_row), 1.0f, rng));
     for (int u = 0; u < lengths[s]; ++u) {
       const int64_t slot = int64_t(block_tables[size_t(s) * max_pages + u / c.page_size]) * c.page_size +
                            u % c.page_size;
@@ -111,8 +104,8 @@ void run_case(const AttentionCase& c) {
   tiles.insert(tiles.begin() + int64_t(tiles.size() / 2), cuda::QueryTile{int32_t(n_queries), 0, 0});
   query_pos.push_back(0);
   // Logits q·k/8 with |q| < 4, |k| < 1: standard deviation ~1.3, softmaxes neither flat nor one-hot.
-  const std::vector<float> q = random_values(size_t((n_queries + 1) * q_row), 4.0f, rng);
-  const std::vector<float> sinks = random_values(size_t(c.heads), 2.0f, rng);
+  const std::vector<float> q = test::uniform_vector(size_t((n_queries + 1) * q_row), 4.0f, rng);
+  const std::vector<float> sinks = test::uniform_vector(size_t(c.heads), 2.0f, rng);
 
   cuda::DeviceBuffer<float> q_d(q), sinks_d(sinks);
   cuda::DeviceBuffer<uint16_t> k_d(k_cache), v_d(v_cache);

@@ -40,13 +40,6 @@ std::string describe(const FlashCase& c) {
   return s.str();
 }
 
-std::vector<float> random_values(size_t n, float scale, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 // A tensor laid out [token, heads, dims] (dims 1 for lse; tokens absent for dsinks), to name
 // the worst element of a comparison.
 struct Layout {
@@ -119,11 +112,11 @@ void run_case(const FlashCase& c) {
   // Logits q·k/8 with |q| < 4, |k| < 1: standard deviation ~1.3, softmaxes neither flat nor
   // one-hot; sinks in (-2, 2) carry a visible share. k and v are bf16 on the device, so the
   // CPU sees them rounded; q and dout are read in fp32.
-  const std::vector<float> q = random_values(size_t(n * q_row), 4.0f, rng);
-  const std::vector<float> k = test::round_bf16(random_values(size_t(n * kv_row), 1.0f, rng));
-  const std::vector<float> v = test::round_bf16(random_values(size_t(n * kv_row), 1.0f, rng));
-  const std::vector<float> sinks = random_values(size_t(c.heads), 2.0f, rng);
-  const std::vector<float> dout = random_values(size_t(n * q_row), 1.0f, rng);
+  const std::vector<float> q = test::uniform_vector(size_t(n * q_row), 4.0f, rng);
+  const std::vector<float> k = test::round_bf16(test::uniform_vector(size_t(n * kv_row), 1.0f, rng));
+  const std::vector<float> v = test::round_bf16(test::uniform_vector(size_t(n * kv_row), 1.0f, rng));
+  const std::vector<float> sinks = test::uniform_vector(size_t(c.heads), 2.0f, rng);
+  const std::vector<float> dout = test::uniform_vector(size_t(n * q_row), 1.0f, rng);
   const std::vector<float> dsinks_init(size_t(c.heads), 0.5f);  // dsinks accumulates
 
   cuda::DeviceBuffer<float> q_d(q), sinks_d(sinks), dout_d(dout), dsinks_d(dsinks_init);

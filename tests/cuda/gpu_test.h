@@ -1,10 +1,17 @@
-// Shared by the GPU tests: skip cleanly where there is no GPU, and move bf16 data between
-// host fp32 and device bf16 buffers.
+// Shared by the GPU tests: skip cleanly where there is no GPU, move bf16 data between host fp32
+// and device bf16 buffers, draw seeded random inputs, and compare a result with its oracle.
 #pragma once
 
+#include <cuda_bf16.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
+#include <cmath>
+#include <concepts>
 #include <cstdint>
+#include <limits>
+#include <random>
+#include <string>
 #include <vector>
 
 #include "core/dtype.h"
@@ -35,6 +42,66 @@ inline std::vector<float> from_device_bf16(const cuda::DeviceBuffer<uint16_t>& b
   std::vector<float> out(bits.size());
   for (size_t i = 0; i < bits.size(); ++i) out[i] = bf16_to_f32(bits[i]);
   return out;
+}
+// The kernels' view of a buffer of bf16 bits.
+inline const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& buffer) {
+  return reinterpret_cast<const __nv_bfloat16*>(buffer.data());
+}
+inline __nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& buffer) {
+  return reinterpret_cast<__nv_bfloat16*>(buffer.data());
+}
+
+// n values uniform in [-bound, bound), drawn from rng (a test draws several inputs from one
+// generator) or from a generator of their own seeded with `seed`.
+template <std::uniform_random_bit_generator Rng>
+std::vector<float> uniform_vector(size_t n, float bound, Rng& rng) {
+  std::uniform_real_distribution<float> dist(-bound, bound);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+inline std::vector<float> uniform_vector(size_t n, float bound, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  return uniform_vector(n, bound, rng);
+}
+
+// n values ~ N(0, stddev²).
+inline std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev = 1.0f) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist(0.0f, stddev);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
+}
+
+// n integers uniform in [0, below): token ids, positions.
+inline std::vector<int32_t> uniform_ints(size_t n, int32_t below, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int32_t> dist(0, below - 1);
+  std::vector<int32_t> v(n);
+  for (int32_t& x : v) x = dist(rng);
+  return v;
+}
+
+// One failure per call, naming how many elements are off and the worst one (index, values),
+// when |got[i] - want[i]| > tolerance(i) anywhere.
+template <class Got, class Want, class Tolerance>
+void expect_close(const std::vector<Got>& got, const std::vector<Want>& want, Tolerance tolerance,
+                  const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  size_t bad = 0, worst = 0;
+  double worst_excess = -1.0, max_error = 0.0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double error = std::abs(double(got[i]) - double(want[i]));
+    max_error = std::max(max_error, error);
+    if (error <= tolerance(i)) continue;  // NaN fails here too
+    ++bad;
+    const double excess = std::isnan(error) ? std::numeric_limits<double>::infinity() : error - tolerance(i);
+    if (excess > worst_excess) worst_excess = excess, worst = i;
+  }
+  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements beyond tolerance; worst at ["
+                     << worst << "]: got " << got[worst] << ", want " << want[worst] << ", tolerance "
+                     << tolerance(worst) << "; max abs error " << max_error;
 }
 
 }  // namespace ossrl::test

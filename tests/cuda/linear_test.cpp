@@ -30,6 +30,8 @@ namespace ossrl {
 namespace {
 
 using cuda::LinearKernel;
+using test::bf16_ptr;
+using test::normal_vector;
 using test::round_bf16;
 using test::to_device_bf16;
 
@@ -44,18 +46,6 @@ struct Shape {
 // kernel); a tiny fixture's; `in` off 32 and `out` off 16 (partial k chunk and row tile), with
 // one warp and with a cluster; `in` off 8 (cuBLAS only).
 constexpr Shape kShapes[] = {{2880, 5120}, {4096, 2880}, {2880, 32}, {64, 128}, {72, 40}, {1000, 24}, {60, 24}};
-
-std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-const __nv_bfloat16* bf16(const cuda::DeviceBuffer<uint16_t>& b) {
-  return reinterpret_cast<const __nv_bfloat16*>(b.data());
-}
 
 const char* kernel_name(LinearKernel kernel) {
   switch (kernel) {
@@ -103,7 +93,7 @@ struct Operands {
   // linear_forward through `kernel` on the first n rows, y starting as y0.
   std::vector<float> run(cuda::Blas& blas, int n, bool with_bias, bool accumulate, LinearKernel kernel) const {
     cuda::DeviceBuffer<float> y(std::vector<float>(y0.begin(), y0.begin() + ptrdiff_t(n) * shape.out));
-    cuda::linear_forward(blas, y.data(), bf16(d_x), bf16(d_w), with_bias ? d_bias.data() : nullptr, n, shape.in,
+    cuda::linear_forward(blas, y.data(), bf16_ptr(d_x), bf16_ptr(d_w), with_bias ? d_bias.data() : nullptr, n, shape.in,
                          shape.out, accumulate, kernel);
     // download() waits on the legacy stream, which does not wait on a non-blocking blas stream.
     EXPECT_EQ(cudaStreamSynchronize(blas.stream()), cudaSuccess);
@@ -136,7 +126,7 @@ TEST(CudaLinear, MatchesCpuForEveryKernelShapeAndRowCount) {
   for (const Shape& shape : kShapes) {
     const Operands operands(shape, seed += 10);
     for (int n : kRowCounts) {
-      const bool skinny_fits = cuda::skinny_linear_fits(bf16(operands.d_x), bf16(operands.d_w), n, shape.in);
+      const bool skinny_fits = cuda::skinny_linear_fits(bf16_ptr(operands.d_x), bf16_ptr(operands.d_w), n, shape.in);
       for (LinearKernel kernel : {LinearKernel::automatic, LinearKernel::cublas, LinearKernel::skinny}) {
         if (kernel == LinearKernel::skinny && !skinny_fits) continue;
         for (const bool with_bias : {false, true}) {
@@ -179,7 +169,7 @@ TEST(CudaLinear, SkinnyCapturesInAGraphAndIsDeterministic) {
     cuda::DeviceBuffer<float> y(std::vector<float>(operands.y0.begin(), operands.y0.begin() + n * shape.out));
     cudaGraph_t graph = nullptr;
     ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    cuda::linear_forward(blas, y.data(), bf16(operands.d_x), bf16(operands.d_w), operands.d_bias.data(), n,
+    cuda::linear_forward(blas, y.data(), bf16_ptr(operands.d_x), bf16_ptr(operands.d_w), operands.d_bias.data(), n,
                          shape.in, shape.out, true, LinearKernel::skinny);
     ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
     cudaGraphExec_t exec = nullptr;

@@ -29,9 +29,11 @@
 namespace ossrl {
 namespace {
 
+using test::bf16_ptr;
 using test::from_device_bf16;
 using test::round_bf16;
 using test::to_device_bf16;
+using test::uniform_vector;
 
 constexpr double kBf16 = 1.5 / 256;    // 1.5 x the largest relative rounding error of bf16
 constexpr double kOrder = 1.0 / (1 << 20);  // fp32 summation order, relative to Σ |terms|
@@ -48,14 +50,6 @@ std::string name(const LoraCase& c) {
          std::to_string(c.out) + (c.ld != c.out ? "_ld" + std::to_string(c.ld) : "");
 }
 void PrintTo(const LoraCase& c, std::ostream* os) { *os << name(c); }
-
-std::vector<float> uniform(size_t n, float bound, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(-bound, bound);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
 
 // c[i, j] = Σ_l a(i, l) · b(l, j) in double, c [rows, cols]: the references' error bounds.
 std::vector<double> product(int rows, int cols, int inner, const std::function<double(int, int)>& a,
@@ -94,12 +88,12 @@ struct Adapter {
   cuda::DeviceAdapter view;
 
   Adapter(int r, int in, int out, float scale, uint64_t seed)
-      : a(round_bf16(uniform(size_t(r) * in, 1.0f / std::sqrt(float(in)), seed))),
-        b(round_bf16(uniform(size_t(out) * r, 0.5f, seed + 1))),
+      : a(round_bf16(uniform_vector(size_t(r) * in, 1.0f / std::sqrt(float(in)), seed))),
+        b(round_bf16(uniform_vector(size_t(out) * r, 0.5f, seed + 1))),
         d_a(a),
         d_b(b),
-        d_grad_a(uniform(a.size(), 1.0f, seed + 2)),
-        d_grad_b(uniform(b.size(), 1.0f, seed + 3)),
+        d_grad_a(uniform_vector(a.size(), 1.0f, seed + 2)),
+        d_grad_b(uniform_vector(b.size(), 1.0f, seed + 3)),
         d_a16(to_device_bf16(a)),
         d_b16(to_device_bf16(b)) {
     view.experts = 1;
@@ -128,11 +122,6 @@ struct Adapter {
   }
 };
 
-const __nv_bfloat16* bf16(const cuda::DeviceBuffer<uint16_t>& b) {
-  return reinterpret_cast<const __nv_bfloat16*>(b.data());
-}
-__nv_bfloat16* bf16(cuda::DeviceBuffer<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.data()); }
-
 class CudaLora : public ::testing::TestWithParam<LoraCase> {};
 
 TEST_P(CudaLora, ForwardAndBackwardMatchCpu) {
@@ -142,10 +131,10 @@ TEST_P(CudaLora, ForwardAndBackwardMatchCpu) {
   const float scale = 1.75f;  // not a power of two: a scale applied twice or not at all shows
   std::printf("%s\n", name(c).c_str());
   Adapter ad(r, in, out, scale, 100 + uint64_t(n) * 7 + uint64_t(r));
-  const std::vector<float> x = round_bf16(uniform(size_t(n) * in, 1.0f, 1));
-  const std::vector<float> y0 = uniform(size_t(n) * ld, 1.0f, 2);
-  const std::vector<float> dy_full = round_bf16(uniform(size_t(n) * ld, 1.0f, 3));
-  const std::vector<float> dx0 = uniform(size_t(n) * in, 1.0f, 4);
+  const std::vector<float> x = round_bf16(uniform_vector(size_t(n) * in, 1.0f, 1));
+  const std::vector<float> y0 = uniform_vector(size_t(n) * ld, 1.0f, 2);
+  const std::vector<float> dy_full = round_bf16(uniform_vector(size_t(n) * ld, 1.0f, 3));
+  const std::vector<float> dx0 = uniform_vector(size_t(n) * in, 1.0f, 4);
   const std::vector<float> grad_a0 = ad.d_grad_a.download(), grad_b0 = ad.d_grad_b.download();
 
   cuda::Blas blas(nullptr);
@@ -153,8 +142,9 @@ TEST_P(CudaLora, ForwardAndBackwardMatchCpu) {
   const auto d_dy = to_device_bf16(dy_full);
   cuda::DeviceBuffer<float> d_y(y0), d_dx(dx0);
   cuda::DeviceBuffer<uint16_t> d_u(size_t(n) * r), d_v(size_t(n) * r);
-  cuda::lora_forward(blas, d_y.data() + col, ld, bf16(d_x), n, ad.view, bf16(d_u));
-  cuda::lora_backward(blas, d_dx.data(), bf16(d_dy) + col, ld, bf16(d_x), bf16(d_u), n, ad.view, bf16(d_v));
+  cuda::lora_forward(blas, d_y.data() + col, ld, bf16_ptr(d_x), n, ad.view, bf16_ptr(d_u));
+  cuda::lora_backward(blas, d_dx.data(), bf16_ptr(d_dy) + col, ld, bf16_ptr(d_x), bf16_ptr(d_u), n, ad.view,
+                      bf16_ptr(d_v));
   OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
   const std::vector<float> y = d_y.download(), dx = d_dx.download();
   const std::vector<float> u = from_device_bf16(d_u);
@@ -265,8 +255,8 @@ TEST(CudaLoraGraph, ForwardAndBackwardCaptureAndReplay) {
   OSSRL_REQUIRE_GPU();
   const int n = 9, r = 8, in = 64, out = 48;
   Adapter ad(r, in, out, 2.0f, 7);
-  const std::vector<float> x = round_bf16(uniform(size_t(n) * in, 1.0f, 8));
-  const std::vector<float> dy = round_bf16(uniform(size_t(n) * out, 1.0f, 9));
+  const std::vector<float> x = round_bf16(uniform_vector(size_t(n) * in, 1.0f, 8));
+  const std::vector<float> dy = round_bf16(uniform_vector(size_t(n) * out, 1.0f, 9));
   const std::vector<float> grad_a0 = ad.d_grad_a.download(), grad_b0 = ad.d_grad_b.download();
   const auto d_x = to_device_bf16(x);
   const auto d_dy = to_device_bf16(dy);
@@ -284,8 +274,9 @@ TEST(CudaLoraGraph, ForwardAndBackwardCaptureAndReplay) {
     ad.d_grad_b.upload(grad_b0, stream);
   };
   auto step = [&] {
-    cuda::lora_forward(blas, d_y.data(), out, bf16(d_x), n, ad.view, bf16(d_u));
-    cuda::lora_backward(blas, d_dx.data(), bf16(d_dy), out, bf16(d_x), bf16(d_u), n, ad.view, bf16(d_v));
+    cuda::lora_forward(blas, d_y.data(), out, bf16_ptr(d_x), n, ad.view, bf16_ptr(d_u));
+    cuda::lora_backward(blas, d_dx.data(), bf16_ptr(d_dy), out, bf16_ptr(d_x), bf16_ptr(d_u), n, ad.view,
+                        bf16_ptr(d_v));
   };
   auto results = [&] {
     OSSRL_CUDA_CHECK(cudaStreamSynchronize(stream));

@@ -34,50 +34,15 @@ namespace ossrl {
 namespace {
 
 using cuda::DeviceBuffer;
+using test::bf16_ptr;
+using test::expect_close;
 using test::from_device_bf16;
+using test::normal_vector;
 using test::round_bf16;
 using test::to_device_bf16;
+using test::uniform_ints;
 
 constexpr int kRowCounts[] = {1, 127, 128, 129, 1000};
-
-std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-std::vector<int32_t> uniform_ints(size_t n, int32_t below, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, below - 1);
-  std::vector<int32_t> v(n);
-  for (int32_t& x : v) x = dist(rng);
-  return v;
-}
-
-__nv_bfloat16* bf16(DeviceBuffer<uint16_t>& buffer) { return reinterpret_cast<__nv_bfloat16*>(buffer.data()); }
-
-// One failure per call, naming how many elements are off and the worst one (index, values),
-// when |got[i] - want[i]| > tolerance(i) anywhere.
-template <class Tolerance>
-void expect_close(const std::vector<float>& got, const std::vector<float>& want, Tolerance tolerance,
-                  const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  size_t bad = 0, worst = 0;
-  double worst_excess = -1.0, max_error = 0.0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double error = std::abs(double(got[i]) - double(want[i]));
-    max_error = std::max(max_error, error);
-    if (error <= tolerance(i)) continue;  // NaN fails here too
-    ++bad;
-    const double excess = std::isnan(error) ? std::numeric_limits<double>::infinity() : error - tolerance(i);
-    if (excess > worst_excess) worst_excess = excess, worst = i;
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements beyond tolerance; worst at ["
-                     << worst << "]: got " << got[worst] << ", want " << want[worst] << ", tolerance "
-                     << tolerance(worst) << "; max abs error " << max_error;
-}
 
 TEST(CudaOps, EmbeddingGathersBf16Rows) {
   OSSRL_REQUIRE_GPU();
@@ -91,7 +56,7 @@ TEST(CudaOps, EmbeddingGathersBf16Rows) {
       tokens[0] = vocab - 1;
       DeviceBuffer<int32_t> tokens_d(tokens);
       DeviceBuffer<float> out(size_t(n) * hidden);
-      cuda::embedding_forward(out.data(), bf16(table_d), tokens_d.data(), n, hidden, nullptr);
+      cuda::embedding_forward(out.data(), bf16_ptr(table_d), tokens_d.data(), n, hidden, nullptr);
       std::vector<float> want(out.size());
       for (int i = 0; i < n; ++i) {
         std::copy_n(table.begin() + int64_t(tokens[size_t(i)]) * hidden, hidden, want.begin() + int64_t(i) * hidden);
@@ -129,8 +94,8 @@ TEST(CudaOps, RmsNormMatchesCpu) {
         const int m = int(rows.size());
         DeviceBuffer<int32_t> rows_d(rows);
         DeviceBuffer<uint16_t> out(size_t(m) * hidden);
-        cuda::rmsnorm_forward(bf16(out), x_d.data(), weight_d.data(), gather ? rows_d.data() : nullptr, m, hidden, eps,
-                              nullptr);
+        cuda::rmsnorm_forward(bf16_ptr(out), x_d.data(), weight_d.data(), gather ? rows_d.data() : nullptr, m, hidden,
+                              eps, nullptr);
         std::vector<float> want(size_t(m) * hidden);
         for (int i = 0; i < m; ++i) {
           std::copy_n(cpu.begin() + int64_t(rows[size_t(i)]) * hidden, hidden, want.begin() + int64_t(i) * hidden);
@@ -193,7 +158,7 @@ TEST(CudaOps, RopeRotatesQAndWritesKvCache) {
     DeviceBuffer<int32_t> positions_d(positions), kv_slots_d(kv_slots);
     DeviceBuffer<uint16_t> k_cache = to_device_bf16(std::vector<float>(want_k.size(), untouched));
     DeviceBuffer<uint16_t> v_cache = to_device_bf16(std::vector<float>(want_v.size(), untouched));
-    cuda::rope_qkv_forward(q_out.data(), bf16(k_cache), bf16(v_cache), qkv_d.data(), positions_d.data(),
+    cuda::rope_qkv_forward(q_out.data(), bf16_ptr(k_cache), bf16_ptr(v_cache), qkv_d.data(), positions_d.data(),
                            kv_slots_d.data(), inv_freq_d.data(), freqs.attention_scaling, s.n, s.heads, s.kv_heads,
                            s.head_dim, nullptr);
 

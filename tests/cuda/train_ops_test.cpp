@@ -33,51 +33,14 @@ namespace ossrl {
 namespace {
 
 using cuda::DeviceBuffer;
+using test::bf16_ptr;
+using test::expect_close;
+using test::normal_vector;
 using test::round_bf16;
 using test::to_device_bf16;
+using test::uniform_ints;
 
 constexpr int kRowCounts[] = {1, 127, 128, 129, 1000};
-
-std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-std::vector<int32_t> uniform_ints(size_t n, int32_t below, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, below - 1);
-  std::vector<int32_t> v(n);
-  for (int32_t& x : v) x = dist(rng);
-  return v;
-}
-
-const __nv_bfloat16* bf16(const DeviceBuffer<uint16_t>& buffer) {
-  return reinterpret_cast<const __nv_bfloat16*>(buffer.data());
-}
-
-// One failure per call, naming how many elements are off and the worst one (index, values),
-// when |got[i] - want[i]| > tolerance(i) anywhere.
-template <class Got, class Want, class Tolerance>
-void expect_close(const std::vector<Got>& got, const std::vector<Want>& want, Tolerance tolerance,
-                  const std::string& what) {
-  ASSERT_EQ(got.size(), want.size()) << what;
-  size_t bad = 0, worst = 0;
-  double worst_excess = -1.0, max_error = 0.0;
-  for (size_t i = 0; i < got.size(); ++i) {
-    const double error = std::abs(double(got[i]) - double(want[i]));
-    max_error = std::max(max_error, error);
-    if (error <= tolerance(i)) continue;  // NaN fails here too
-    ++bad;
-    const double excess = std::isnan(error) ? std::numeric_limits<double>::infinity() : error - tolerance(i);
-    if (excess > worst_excess) worst_excess = excess, worst = i;
-  }
-  EXPECT_EQ(bad, 0u) << what << ": " << bad << " of " << got.size() << " elements beyond tolerance; worst at ["
-                     << worst << "]: got " << got[worst] << ", want " << want[worst] << ", tolerance "
-                     << tolerance(worst) << "; max abs error " << max_error;
-}
 
 TEST(CudaTrainOps, RmsNormBackwardMatchesCpu) {
   OSSRL_REQUIRE_GPU();
@@ -301,10 +264,10 @@ void check_logprobs(const LogprobsCase& c, uint64_t seed) {
   cuda::Blas blas(nullptr);
   cuda::LmHeadLogprobs lm_head(n, h, vocab, c.workspace);
   EXPECT_LE(lm_head.bytes(), c.workspace) << what;
-  lm_head.forward(blas, logp_d.data(), lse_d.data(), entropy_d.data(), bf16(hidden_d), bf16(w_d), targets_d.data(),
-                  n);
-  lm_head.backward(blas, dhidden_d.data(), dlogp_d.data(), bf16(hidden_d), bf16(w_d), targets_d.data(), lse_d.data(),
-                   n);
+  lm_head.forward(blas, logp_d.data(), lse_d.data(), entropy_d.data(), bf16_ptr(hidden_d), bf16_ptr(w_d),
+                  targets_d.data(), n);
+  lm_head.backward(blas, dhidden_d.data(), dlogp_d.data(), bf16_ptr(hidden_d), bf16_ptr(w_d), targets_d.data(),
+                   lse_d.data(), n);
   const std::vector<float> logp = logp_d.download(), lse = lse_d.download(), entropy = entropy_d.download();
   const std::vector<float> dhidden = dhidden_d.download();
 

@@ -1,5 +1,5 @@
 // Shared by the GPU tests: skip cleanly where there is no GPU, move bf16 data between host fp32
-// and device bf16 buffers, draw seeded random inputs, and compare a result with its oracle.
+// and device bf16 buffers, and compare a result with its oracle (random_inputs.h draws the inputs).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -7,16 +7,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <concepts>
 #include <cstdint>
 #include <limits>
-#include <random>
 #include <string>
 #include <vector>
 
 #include "core/dtype.h"
 #include "cuda/buffer.h"
 #include "cuda/device.h"
+#include "random_inputs.h"
 
 // First line of every GPU test: the CPU-only CI machine reports a skip, not a pass.
 #define OSSRL_REQUIRE_GPU()                                                   \
@@ -49,38 +48,6 @@ inline const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& buffer)
 }
 inline __nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& buffer) {
   return reinterpret_cast<__nv_bfloat16*>(buffer.data());
-}
-
-// n values uniform in [-bound, bound), drawn from rng (a test draws several inputs from one
-// generator) or from a generator of their own seeded with `seed`.
-template <std::uniform_random_bit_generator Rng>
-std::vector<float> uniform_vector(size_t n, float bound, Rng& rng) {
-  std::uniform_real_distribution<float> dist(-bound, bound);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-inline std::vector<float> uniform_vector(size_t n, float bound, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  return uniform_vector(n, bound, rng);
-}
-
-// n values ~ N(0, stddev²).
-inline std::vector<float> normal_vector(size_t n, uint64_t seed, float stddev = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> dist(0.0f, stddev);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
-// n integers uniform in [0, below): token ids, positions.
-inline std::vector<int32_t> uniform_ints(size_t n, int32_t below, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int32_t> dist(0, below - 1);
-  std::vector<int32_t> v(n);
-  for (int32_t& x : v) x = dist(rng);
-  return v;
 }
 
 // One failure per call, naming how many elements are off and the worst one (index, values),

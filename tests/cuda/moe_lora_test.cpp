@@ -27,6 +27,7 @@
 #include "core/dtype.h"
 #include "cuda/moe.h"
 #include "gpu_test.h"
+#include "moe_experts.h"
 #include "model/cpu/linear.h"
 #include "model/cpu/lora.h"
 #include "model/cpu/moe.h"
@@ -35,80 +36,33 @@
 namespace ossrl {
 namespace {
 
+using test::bf16_ptr;
+using test::Experts;
 using test::from_device_bf16;
 using test::round_bf16;
 using test::to_device_bf16;
+using test::uniform_vector;
 
 constexpr float kLimit = 7.0f;
 constexpr float kScale = 1.75f;  // lora_alpha / r; not a power of two, so a lost scale shows
 
-const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& b) {
-  return reinterpret_cast<const __nv_bfloat16*>(b.data());
-}
-__nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.data()); }
-
-std::vector<float> uniform(size_t n, float bound, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(-bound, bound);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 // One projection's frozen experts, host (the oracle's WeightMatrix views) and device. MXFP4:
 // random codes, scales 118..124 (gpt-oss's range); bf16: uniform in +-4/sqrt(in).
-struct Experts {
-  bool mxfp4 = true;
-  int experts = 0, out = 0, in = 0;
-  std::vector<uint8_t> blocks, scales;  // [experts, out, in/32, 16], [experts, out, in/32]
-  std::vector<uint16_t> dense;          // bf16 bits [experts, out, in]
-  std::vector<float> bias;              // [experts, out]
-  cuda::DeviceBuffer<uint8_t> d_blocks, d_scales;
-  cuda::DeviceBuffer<uint16_t> d_dense;
-  cuda::DeviceBuffer<float> d_bias;
-
-  Experts(bool mxfp4_, int experts_, int out_, int in_, uint64_t seed)
-      : mxfp4(mxfp4_), experts(experts_), out(out_), in(in_) {
-    std::mt19937_64 rng(seed);
-    const size_t values = size_t(experts) * out * in;
-    if (mxfp4) {
-      blocks.resize(values / 2);
-      for (size_t i = 0; i < blocks.size(); i += 8) {
-        const uint64_t bits = rng();
-        std::memcpy(blocks.data() + i, &bits, std::min<size_t>(8, blocks.size() - i));
-      }
-      scales.resize(values / 32);
-      for (uint8_t& s : scales) s = uint8_t(118 + rng() % 7);
-      d_blocks = cuda::DeviceBuffer<uint8_t>(blocks, "expert blocks");
-      d_scales = cuda::DeviceBuffer<uint8_t>(scales, "expert scales");
-    } else {
-      std::uniform_real_distribution<float> dist(-4.0f / std::sqrt(float(in)), 4.0f / std::sqrt(float(in)));
-      dense.resize(values);
-      for (uint16_t& v : dense) v = f32_to_bf16(dist(rng));
-      d_dense = cuda::DeviceBuffer<uint16_t>(dense, "expert weights");
-    }
-    bias = uniform(size_t(experts) * out, 0.5f, seed + 1);
-    d_bias = cuda::DeviceBuffer<float>(bias, "expert bias");
+Experts frozen_experts(bool mxfp4, int experts, int out, int in, uint64_t seed) {
+  Experts w(mxfp4, experts, out, in);
+  std::mt19937_64 rng(seed);
+  const size_t values = size_t(experts) * out * in;
+  if (mxfp4) {
+    w.blocks = test::random_bytes(values / 2, rng);
+    w.scales.resize(values / 32);
+    for (uint8_t& s : w.scales) s = uint8_t(118 + rng() % 7);
+  } else {
+    w.dense = test::uniform_bf16_bits(values, 4.0f / std::sqrt(float(in)), rng);
   }
-  WeightMatrix matrix(int e) const {
-    WeightMatrix m;
-    m.out = out;
-    m.in = in;
-    if (mxfp4) {
-      m.format = WeightFormat::MXFP4;
-      m.data = blocks.data() + size_t(e) * out * (in / 32) * 16;
-      m.scales = scales.data() + size_t(e) * out * (in / 32);
-    } else {
-      m.format = WeightFormat::BF16;
-      m.data = reinterpret_cast<const uint8_t*>(dense.data() + size_t(e) * out * in);
-    }
-    return m;
-  }
-  cuda::ExpertWeights view() const {
-    return cuda::ExpertWeights{mxfp4,  d_blocks.data(), d_scales.data(), bf16_ptr(d_dense), d_bias.data(),
-                               experts, out,            in};
-  }
-};
+  w.bias = uniform_vector(size_t(experts) * out, 0.5f, seed + 1);
+  w.upload();
+  return w;
+}
 
 // One projection's per-expert adapters: bf16-rounded fp32 A [experts, r, in] and B [experts,
 // out, r] on the host (the oracle's LowRankAdapter per expert) and on the device (cuda/lora.h's
@@ -125,8 +79,8 @@ struct ExpertAdapter {
         r(r_),
         in(in_),
         out(out_),
-        a(round_bf16(uniform(size_t(experts) * r * in, gain / std::sqrt(float(in)), seed))),
-        b(round_bf16(uniform(size_t(experts) * out * r, 2.0f / std::sqrt(float(r)), seed + 1))),
+        a(round_bf16(uniform_vector(size_t(experts) * r * in, gain / std::sqrt(float(in)), seed))),
+        b(round_bf16(uniform_vector(size_t(experts) * out * r, 2.0f / std::sqrt(float(r)), seed + 1))),
         d_a(a),
         d_b(b),
         d_a16(to_device_bf16(a)),
@@ -196,15 +150,15 @@ TEST_P(MoeLora, MatchesCpuMoeForward) {
   OSSRL_REQUIRE_GPU();
   const MoeLoraCase& c = GetParam();
   const int n = c.tokens, k = c.k, H = c.hidden, I = c.intermediate, E = c.experts, r = c.r;
-  const Experts gate_up(c.mxfp4, E, 2 * I, H, 11), down(c.mxfp4, E, H, I, 12);
+  const Experts gate_up = frozen_experts(c.mxfp4, E, 2 * I, H, 11), down = frozen_experts(c.mxfp4, E, H, I, 12);
   const ExpertAdapter lora_gu(E, r, H, 2 * I, c.a_gain, 13), lora_down(E, r, I, H, c.a_gain, 14);
-  const std::vector<float> router = uniform(size_t(E) * H, 2.0f / std::sqrt(float(H)), 15);
-  const std::vector<float> x = round_bf16(uniform(size_t(n) * H, c.x_scale, 16));
+  const std::vector<float> router = uniform_vector(size_t(E) * H, 2.0f / std::sqrt(float(H)), 15);
+  const std::vector<float> x = round_bf16(uniform_vector(size_t(n) * H, c.x_scale, 16));
 
   // The oracle, with and without the adapters.
   MoeWeights w;
   w.router = fp32_matrix(router.data(), E, H);
-  w.router_bias = uniform(size_t(E), 0.5f, 17);
+  w.router_bias = uniform_vector(size_t(E), 0.5f, 17);
   for (int e = 0; e < E; ++e) {
     w.gate_up.push_back(gate_up.matrix(e));
     w.down.push_back(down.matrix(e));

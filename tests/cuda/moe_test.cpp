@@ -17,6 +17,7 @@
 #include "core/dtype.h"
 #include "cuda/moe.h"
 #include "gpu_test.h"
+#include "moe_experts.h"
 #include "model/cpu/linear.h"
 #include "model/cpu/moe.h"
 #include "model/weights.h"
@@ -24,93 +25,29 @@
 namespace ossrl {
 namespace {
 
+using test::bf16_ptr;
+using test::Experts;
 using test::from_device_bf16;
 using test::round_bf16;
 using test::to_device_bf16;
-
-const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& b) {
-  return reinterpret_cast<const __nv_bfloat16*>(b.data());
-}
-__nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.data()); }
-
-// One projection's experts, on the host (the oracle's view) and on the GPU.
-struct Experts {
-  bool mxfp4 = true;
-  int experts = 0, out = 0, in = 0;
-  std::vector<uint8_t> blocks, scales;  // MXFP4 [experts, out, in/32, 16], [experts, out, in/32]
-  std::vector<uint16_t> dense;          // bf16 bits [experts, out, in]
-  std::vector<float> bias;              // [experts, out]
-  cuda::DeviceBuffer<uint8_t> d_blocks, d_scales;
-  cuda::DeviceBuffer<uint16_t> d_dense;
-  cuda::DeviceBuffer<float> d_bias;
-
-  WeightMatrix matrix(int e) const {
-    WeightMatrix m;
-    m.out = out;
-    m.in = in;
-    if (mxfp4) {
-      m.format = WeightFormat::MXFP4;
-      const size_t row_blocks = size_t(in / 32);
-      m.data = blocks.data() + size_t(e) * out * row_blocks * 16;
-      m.scales = scales.data() + size_t(e) * out * row_blocks;
-    } else {
-      m.format = WeightFormat::BF16;
-      m.data = reinterpret_cast<const uint8_t*>(dense.data() + size_t(e) * out * in);
-    }
-    return m;
-  }
-  void upload() {
-    if (mxfp4) {
-      d_blocks = cuda::DeviceBuffer<uint8_t>(blocks, "expert blocks");
-      d_scales = cuda::DeviceBuffer<uint8_t>(scales, "expert scales");
-    } else {
-      d_dense = cuda::DeviceBuffer<uint16_t>(dense, "expert weights");
-    }
-    d_bias = cuda::DeviceBuffer<float>(bias, "expert bias");
-  }
-  cuda::ExpertWeights view() const {
-    cuda::ExpertWeights w;
-    w.mxfp4 = mxfp4;
-    w.blocks = d_blocks.data();
-    w.scales = d_scales.data();
-    w.dense = bf16_ptr(d_dense);
-    w.bias = d_bias.data();
-    w.experts = experts;
-    w.out = out;
-    w.in = in;
-    return w;
-  }
-};
+using test::uniform_vector;
 
 // Random weights: MXFP4 codes uniform over all 16, scales in [118, 124] (|w| up to 6 * 2^-3,
 // the range of gpt-oss's experts); bf16 uniform in +-4/sqrt(in) (wide enough that x in +-4
 // drives some gate/up values past the SwiGLU clamp).
 Experts random_experts(bool mxfp4, int experts, int out, int in, uint64_t seed) {
-  Experts w;
-  w.mxfp4 = mxfp4;
-  w.experts = experts;
-  w.out = out;
-  w.in = in;
+  Experts w(mxfp4, experts, out, in);
   std::mt19937_64 rng(seed);
   const size_t values = size_t(experts) * out * in;
   if (mxfp4) {
-    w.blocks.resize(values / 2);
+    w.blocks = test::random_bytes(values / 2, rng);
     w.scales.resize(values / 32);
-    for (size_t i = 0; i < w.blocks.size(); i += 8) {
-      const uint64_t r = rng();
-      std::memcpy(w.blocks.data() + i, &r, std::min<size_t>(8, w.blocks.size() - i));
-    }
     std::uniform_int_distribution<int> scale(118, 124);
     for (uint8_t& s : w.scales) s = uint8_t(scale(rng));
   } else {
-    w.dense.resize(values);
-    const float bound = 4.0f / std::sqrt(float(in));
-    std::uniform_real_distribution<float> dist(-bound, bound);
-    for (uint16_t& v : w.dense) v = f32_to_bf16(dist(rng));
+    w.dense = test::uniform_bf16_bits(values, 4.0f / std::sqrt(float(in)), rng);
   }
-  std::uniform_real_distribution<float> bias(-0.5f, 0.5f);
-  w.bias.resize(size_t(experts) * out);
-  for (float& b : w.bias) b = bias(rng);
+  w.bias = uniform_vector(size_t(experts) * out, 0.5f, rng);
   w.upload();
   return w;
 }
@@ -145,14 +82,6 @@ Routing random_routing(int n, int k, int experts, const std::vector<int>& unused
   return r;
 }
 
-std::vector<float> random_vector(size_t n, float scale, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 struct MoeCase {
   std::string name;
   int tokens, hidden, intermediate, experts, k;
@@ -176,7 +105,7 @@ TEST_P(MoeKernels, MatchCpuReference) {
   const Experts down = random_experts(c.mxfp4, c.experts, H, I, 12);
   const Routing routing = random_routing(n, k, c.experts, c.unused_experts, 13);
   for (int e : c.unused_experts) ASSERT_EQ(routing.offsets[size_t(e)], routing.offsets[size_t(e) + 1]);
-  const std::vector<float> x = round_bf16(random_vector(size_t(n) * H, c.x_scale, 14));
+  const std::vector<float> x = round_bf16(uniform_vector(size_t(n) * H, c.x_scale, 14));
 
   const auto d_x = to_device_bf16(x);
   const cuda::DeviceBuffer<int32_t> d_sorted(routing.sorted), d_offsets(routing.offsets);
@@ -242,8 +171,8 @@ TEST_P(MoeKernels, MatchCpuReference) {
   if (c.x_scale > 1) EXPECT_GT(clamped, 0) << "the SwiGLU clamp was not exercised";
 
   // combine: residual += Σ_s w[t,s] y[t*k+s].
-  const std::vector<float> residual = random_vector(size_t(n) * H, 1.0f, 15);
-  const std::vector<float> weight = random_vector(size_t(n) * k, 1.0f, 16);
+  const std::vector<float> residual = uniform_vector(size_t(n) * H, 1.0f, 15);
+  const std::vector<float> weight = uniform_vector(size_t(n) * k, 1.0f, 16);
   cuda::DeviceBuffer<float> d_residual(residual), d_weight(weight);
   cuda::moe_combine(d_residual.data(), d_y.data(), d_weight.data(), n, k, H, nullptr);
   const std::vector<float> combined = d_residual.download();

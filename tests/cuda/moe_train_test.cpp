@@ -24,6 +24,7 @@
 #include "cuda/moe_train.h"
 #include "cuda/moe_train_kernels.h"
 #include "gpu_test.h"
+#include "moe_experts.h"
 #include "io/mxfp4.h"
 #include "model/cpu/moe.h"
 #include "model/weights.h"
@@ -31,85 +32,34 @@
 namespace ossrl {
 namespace {
 
+using test::bf16_ptr;
+using test::Experts;
 using test::round_bf16;
 using test::to_device_bf16;
+using test::uniform_vector;
 
 constexpr float kLimit = 7.0f;
 
-const __nv_bfloat16* bf16_ptr(const cuda::DeviceBuffer<uint16_t>& b) {
-  return reinterpret_cast<const __nv_bfloat16*>(b.data());
-}
-__nv_bfloat16* bf16_ptr(cuda::DeviceBuffer<uint16_t>& b) { return reinterpret_cast<__nv_bfloat16*>(b.data()); }
-
-std::vector<float> uniform(size_t n, float bound, std::mt19937_64& rng) {
-  std::uniform_real_distribution<float> dist(-bound, bound);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 // One projection's experts on the host (the oracle's view) and on the GPU. Weights have an rms
 // of about 2.5 / sqrt(in), so a pre-activation's spread is about 2.5 times the input's rms.
-struct Experts {
-  bool mxfp4 = true;
-  int experts = 0, out = 0, in = 0;
-  std::vector<uint8_t> blocks, scales;  // MXFP4 [experts, out, in/32, 16], [experts, out, in/32]
-  std::vector<uint16_t> dense;          // bf16 [experts, out, in]
-  std::vector<float> bias;              // [experts, out]
-  cuda::DeviceBuffer<uint8_t> d_blocks, d_scales;
-  cuda::DeviceBuffer<uint16_t> d_dense;
-  cuda::DeviceBuffer<float> d_bias;
-
-  Experts(bool is_mxfp4, int n_experts, int n_out, int n_in, std::mt19937_64& rng)
-      : mxfp4(is_mxfp4), experts(n_experts), out(n_out), in(n_in) {
-    const size_t values = size_t(experts) * out * in;
-    const double rms = 2.5 / std::sqrt(double(in));
-    if (mxfp4) {
-      blocks.resize(values / 2);
-      for (uint8_t& b : blocks) b = uint8_t(rng());
-      // Codes uniform over all 16 have rms 2.93; scales vary by a factor of two per block.
-      const int base = 127 + int(std::lround(std::log2(rms / 2.93)));
-      scales.resize(values / 32);
-      for (uint8_t& s : scales) s = uint8_t(base - int(rng() % 2));
-      d_blocks = cuda::DeviceBuffer<uint8_t>(blocks, "expert blocks");
-      d_scales = cuda::DeviceBuffer<uint8_t>(scales, "expert scales");
-    } else {
-      dense.resize(values);
-      std::uniform_real_distribution<float> dist(-float(rms * std::sqrt(3.0)), float(rms * std::sqrt(3.0)));
-      for (uint16_t& v : dense) v = f32_to_bf16(dist(rng));
-      d_dense = cuda::DeviceBuffer<uint16_t>(dense, "expert weights");
-    }
-    bias = uniform(size_t(experts) * out, 0.5f, rng);
-    d_bias = cuda::DeviceBuffer<float>(bias, "expert bias");
+Experts random_experts(bool mxfp4, int experts, int out, int in, std::mt19937_64& rng) {
+  Experts w(mxfp4, experts, out, in);
+  const size_t values = size_t(experts) * out * in;
+  const double rms = 2.5 / std::sqrt(double(in));
+  if (mxfp4) {
+    w.blocks.resize(values / 2);
+    for (uint8_t& b : w.blocks) b = uint8_t(rng());
+    // Codes uniform over all 16 have rms 2.93; scales vary by a factor of two per block.
+    const int base = 127 + int(std::lround(std::log2(rms / 2.93)));
+    w.scales.resize(values / 32);
+    for (uint8_t& s : w.scales) s = uint8_t(base - int(rng() % 2));
+  } else {
+    w.dense = test::uniform_bf16_bits(values, float(rms * std::sqrt(3.0)), rng);
   }
-
-  WeightMatrix matrix(int e) const {
-    WeightMatrix m;
-    m.out = out;
-    m.in = in;
-    if (mxfp4) {
-      m.format = WeightFormat::MXFP4;
-      m.data = blocks.data() + size_t(e) * out * in / 2;
-      m.scales = scales.data() + size_t(e) * out * in / 32;
-    } else {
-      m.format = WeightFormat::BF16;
-      m.data = reinterpret_cast<const uint8_t*>(dense.data() + size_t(e) * out * in);
-    }
-    return m;
-  }
-  cuda::ExpertWeights view() const {
-    cuda::ExpertWeights w;
-    w.mxfp4 = mxfp4;
-    w.blocks = d_blocks.data();
-    w.scales = d_scales.data();
-    w.dense = bf16_ptr(d_dense);
-    w.bias = d_bias.data();
-    w.experts = experts;
-    w.out = out;
-    w.in = in;
-    return w;
-  }
-};
+  w.bias = uniform_vector(size_t(experts) * out, 0.5f, rng);
+  w.upload();
+  return w;
+}
 
 // One projection's per-expert adapters: bf16-exact fp32 values (so the masters equal the bf16
 // copies the GPU reads), grads starting from the same random values on both sides (+= is
@@ -133,11 +83,11 @@ struct Adapter {
         a[row * size_t(in) + rng() % size_t(in)] = value;
       }
     } else {
-      a = round_bf16(uniform(a_size, 1.0f / std::sqrt(float(in)), rng));
+      a = round_bf16(uniform_vector(a_size, 1.0f / std::sqrt(float(in)), rng));
     }
-    b = round_bf16(uniform(b_size, 0.5f, rng));
-    grad_a0 = grad_a = uniform(a_size, 0.1f, rng);
-    grad_b0 = grad_b = uniform(b_size, 0.1f, rng);
+    b = round_bf16(uniform_vector(b_size, 0.5f, rng));
+    grad_a0 = grad_a = uniform_vector(a_size, 0.1f, rng);
+    grad_b0 = grad_b = uniform_vector(b_size, 0.1f, rng);
     d_a = cuda::DeviceBuffer<float>(a);
     d_b = cuda::DeviceBuffer<float>(b);
     d_grad_a = cuda::DeviceBuffer<float>(grad_a);
@@ -203,10 +153,10 @@ struct RandomLayer {
   cuda::DeviceAdapter gate_up_dev, down_dev;
 
   RandomLayer(const TrainCase& c, std::mt19937_64& rng)
-      : router(round_bf16(uniform(size_t(c.experts) * c.hidden, 2.0f / std::sqrt(float(c.hidden)), rng))),
-        router_bias(uniform(size_t(c.experts), 0.2f, rng)),
-        gate_up(c.mxfp4, c.experts, 2 * c.intermediate, c.hidden, rng),
-        down(c.mxfp4, c.experts, c.hidden, c.intermediate, rng) {
+      : router(round_bf16(uniform_vector(size_t(c.experts) * c.hidden, 2.0f / std::sqrt(float(c.hidden)), rng))),
+        router_bias(uniform_vector(size_t(c.experts), 0.2f, rng)),
+        gate_up(random_experts(c.mxfp4, c.experts, 2 * c.intermediate, c.hidden, rng)),
+        down(random_experts(c.mxfp4, c.experts, c.hidden, c.intermediate, rng)) {
     if (c.unused_expert) router_bias[size_t(c.experts) - 1] = -1e4f;
     d_router = to_device_bf16(router);
     d_router_bias = cuda::DeviceBuffer<float>(router_bias);
@@ -312,8 +262,8 @@ TEST_P(MoeTrain, MatchesCpuOracle) {
       if (k == E || logits[size_t(k) - 1] - logits[size_t(k)] >= 1e-3f) break;
     }
   }
-  const std::vector<float> residual = uniform(size_t(n) * H, 1.0f, rng);
-  const std::vector<float> dout = uniform(size_t(n) * H, 1.0f, rng);
+  const std::vector<float> residual = uniform_vector(size_t(n) * H, 1.0f, rng);
+  const std::vector<float> dout = uniform_vector(size_t(n) * H, 1.0f, rng);
 
   layer.add_adapters(c, rng);
   Adapter* gate_up_ad = layer.gate_up_ad;
@@ -497,9 +447,9 @@ TEST_P(MoeTrain, KeptActivationsMatchOwn) {
     const size_t size = size_t(n) * H;
     Input& in = inputs.emplace_back();
     in.n = n;
-    in.residual = uniform(size, 1.0f, rng);
-    in.x = to_device_bf16(uniform(size, c.x_scale, rng));
-    in.dout = cuda::DeviceBuffer<float>(uniform(size, 1.0f, rng));
+    in.residual = uniform_vector(size, 1.0f, rng);
+    in.x = to_device_bf16(uniform_vector(size, c.x_scale, rng));
+    in.dout = cuda::DeviceBuffer<float>(uniform_vector(size, 1.0f, rng));
     in.d_residual = cuda::DeviceBuffer<float>(size);
     in.dxn = cuda::DeviceBuffer<float>(size);
   }
@@ -630,7 +580,7 @@ TEST(MoeTrainStage, Mxfp4DecodeIsExact) {
 TEST(MoeTrainStage, RejectsMismatches) {
   OSSRL_REQUIRE_GPU();
   std::mt19937_64 rng(9);
-  const Experts gate_up(true, 4, 128, 64, rng), down(true, 4, 64, 64, rng);
+  const Experts gate_up = random_experts(true, 4, 128, 64, rng), down = random_experts(true, 4, 64, 64, rng);
   const auto d_router = to_device_bf16(std::vector<float>(4 * 64, 0.0f));
   const cuda::DeviceBuffer<float> d_bias(std::vector<float>(4, 0.0f));
   const cuda::MoeTrainWeights weights{bf16_ptr(d_router), d_bias.data(), gate_up.view(), down.view()};

@@ -11,15 +11,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
 #include <random>
 #include <vector>
 
-#include "core/dtype.h"
 #include "cuda/buffer.h"
 #include "cuda/check.h"
 #include "cuda/device.h"
 #include "cuda/flash_attention.h"
+#include "gpu_bench.h"
+#include "random_inputs.h"
 
 namespace ossrl {
 namespace {
@@ -39,43 +39,16 @@ double allowed_pairs(int length, int window) {
   return pairs;
 }
 
-// Mean seconds per call over `iterations` back-to-back calls, after one warm-up call.
-template <class Call>
-double time_calls(Call call, int iterations) {
-  cudaEvent_t start, stop;
-  OSSRL_CUDA_CHECK(cudaEventCreate(&start));
-  OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
-  call();
-  OSSRL_CUDA_CHECK(cudaEventRecord(start, nullptr));
-  for (int i = 0; i < iterations; ++i) call();
-  OSSRL_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-  OSSRL_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  OSSRL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(start));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(stop));
-  return ms / 1e3 / iterations;
-}
-
-std::vector<float> random_values(size_t n, float scale, std::mt19937& rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
-}
-
 void bench(const BenchCase& c, int iterations) {
   std::mt19937 rng(1);
   const size_t n = size_t(c.n_seqs) * c.length;
   std::vector<int32_t> offsets(size_t(c.n_seqs) + 1);
   for (int s = 0; s <= c.n_seqs; ++s) offsets[size_t(s)] = s * c.length;
-  std::vector<uint16_t> k_bits(n * kKvHeads * kHeadDim), v_bits(k_bits.size());
-  std::uniform_real_distribution<float> unit(-1.0f, 1.0f);
-  for (uint16_t& x : k_bits) x = f32_to_bf16(unit(rng));
-  for (uint16_t& x : v_bits) x = f32_to_bf16(unit(rng));
-  const cuda::DeviceBuffer<float> q(random_values(n * kHeads * kHeadDim, 4.0f, rng), "q");
-  const cuda::DeviceBuffer<float> dout(random_values(n * kHeads * kHeadDim, 1.0f, rng), "dout");
-  const cuda::DeviceBuffer<float> sinks(random_values(kHeads, 2.0f, rng), "sinks");
+  const std::vector<uint16_t> k_bits = test::uniform_bf16_bits(n * kKvHeads * kHeadDim, 1.0f, rng);
+  const std::vector<uint16_t> v_bits = test::uniform_bf16_bits(k_bits.size(), 1.0f, rng);
+  const cuda::DeviceBuffer<float> q(test::uniform_vector(n * kHeads * kHeadDim, 4.0f, rng), "q");
+  const cuda::DeviceBuffer<float> dout(test::uniform_vector(n * kHeads * kHeadDim, 1.0f, rng), "dout");
+  const cuda::DeviceBuffer<float> sinks(test::uniform_vector(kHeads, 2.0f, rng), "sinks");
   const cuda::DeviceBuffer<uint16_t> k(k_bits, "k"), v(v_bits, "v");
   const cuda::DeviceBuffer<int32_t> seq_offsets(offsets, "seq_offsets");
   cuda::DeviceBuffer<uint16_t> out(n * kHeads * kHeadDim, "out");
@@ -96,10 +69,10 @@ void bench(const BenchCase& c, int iterations) {
   auto* out_p = reinterpret_cast<__nv_bfloat16*>(out.data());
   const auto* k_p = reinterpret_cast<const __nv_bfloat16*>(k.data());
   const auto* v_p = reinterpret_cast<const __nv_bfloat16*>(v.data());
-  const double tf = time_calls(
+  const double tf = 1e-3 * test::mean_ms(
       [&] { cuda::flash_attention_forward(out_p, lse.data(), q.data(), k_p, v_p, sinks.data(), shape, nullptr); },
       iterations);
-  const double tb = time_calls(
+  const double tb = 1e-3 * test::mean_ms(
       [&] {
         cuda::flash_attention_backward(dq.data(), dk.data(), dv.data(), dsinks.data(), scratch.data(), dout.data(),
                                        q.data(), k_p, v_p, sinks.data(), out_p, lse.data(), shape, nullptr);
@@ -117,13 +90,8 @@ void bench(const BenchCase& c, int iterations) {
 }  // namespace ossrl
 
 int main(int argc, char** argv) {
-  if (ossrl::cuda::device_count() == 0) {
-    std::puts("flash_attention_bench: no GPU on this machine, nothing to time");
-    return 0;
-  }
   const int iterations = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
-  try {
-    std::printf("%s\n", ossrl::cuda::device_summary(0).c_str());
+  return ossrl::test::bench_main("flash_attention_bench", [&] {
     std::printf("heads %d / kv heads %d, head_dim %d; mean of %d calls\n", ossrl::kHeads, ossrl::kKvHeads,
                 ossrl::kHeadDim, iterations);
     std::printf("%6s %7s %7s | %10s %8s | %10s %8s\n", "seqs", "length", "window", "forward ms", "TFLOP/s",
@@ -132,9 +100,5 @@ int main(int argc, char** argv) {
                                      ossrl::BenchCase{1, 16384, 0}, ossrl::BenchCase{1, 16384, 128}}) {
       ossrl::bench(c, iterations);
     }
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "flash_attention_bench: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  });
 }

@@ -18,7 +18,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
 #include <stdexcept>
 #include <vector>
 
@@ -28,6 +27,7 @@
 #include "cuda/gemv.h"
 #include "cuda/linear.h"
 #include "cuda/random_init.h"
+#include "gpu_bench.h"
 
 namespace ossrl {
 namespace {
@@ -79,23 +79,13 @@ class L2Flush {
 // Mean seconds of `call` over `iterations` calls, each after an L2 flush (untimed).
 template <class Call>
 double time_calls(Call call, int iterations, L2Flush& flush) {
-  cudaEvent_t start, stop;
-  OSSRL_CUDA_CHECK(cudaEventCreate(&start));
-  OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
   for (int i = 0; i < 3; ++i) call();  // warm-up: module load, cuBLAS heuristics
+  test::EventTimer timer;
   double total_ms = 0;
   for (int i = 0; i < iterations; ++i) {
     flush();
-    OSSRL_CUDA_CHECK(cudaEventRecord(start, nullptr));
-    call();
-    OSSRL_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-    OSSRL_CUDA_CHECK(cudaEventSynchronize(stop));
-    float ms = 0;
-    OSSRL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-    total_ms += ms;
+    total_ms += timer.ms(call);
   }
-  OSSRL_CUDA_CHECK(cudaEventDestroy(start));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(stop));
   return total_ms / 1e3 / iterations;
 }
 
@@ -146,22 +136,13 @@ void bench(const Projection& p, int iterations, const std::vector<int>& row_coun
 }  // namespace ossrl
 
 int main(int argc, char** argv) {
-  if (ossrl::cuda::device_count() == 0) {
-    std::puts("linear_bench: no GPU on this machine, nothing to time");
-    return 0;
-  }
   const int iterations = argc > 1 ? std::max(1, std::atoi(argv[1])) : 50;
   std::vector<int> rows;
   for (int i = 2; i < argc; ++i) rows.push_back(std::max(1, std::atoi(argv[i])));
   if (rows.empty()) rows = {1, 2, 4, 8, 16, 32, 64};
-  try {
-    std::printf("%s\n", ossrl::cuda::device_summary(0).c_str());
+  return ossrl::test::bench_main("linear_bench", [&] {
     ossrl::cuda::Blas blas(nullptr);
     ossrl::L2Flush flush(blas);
     for (const auto& projection : ossrl::kProjections) ossrl::bench(projection, iterations, rows, blas, flush);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "linear_bench: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  });
 }

@@ -12,7 +12,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
 #include <random>
 #include <vector>
 
@@ -22,31 +21,13 @@
 #include "cuda/linear.h"
 #include "cuda/logprobs.h"
 #include "cuda/random_init.h"
+#include "gpu_bench.h"
 
 namespace ossrl {
 namespace {
 
 constexpr int kHidden = 2880;
 constexpr int kVocab = 201088;
-
-// Mean milliseconds of `call` over `iterations` calls after one warm-up call (cuBLAS
-// heuristics, module load), timed back to back on the stream.
-template <class Call>
-double time_ms(Call call, int iterations) {
-  cudaEvent_t start, stop;
-  OSSRL_CUDA_CHECK(cudaEventCreate(&start));
-  OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
-  call();
-  OSSRL_CUDA_CHECK(cudaEventRecord(start, nullptr));
-  for (int i = 0; i < iterations; ++i) call();
-  OSSRL_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-  OSSRL_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  OSSRL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(start));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(stop));
-  return double(ms) / iterations;
-}
 
 double tflops(double flops, double ms) { return flops / (ms * 1e-3) / 1e12; }
 
@@ -69,7 +50,7 @@ void bench(int iterations, int rows, const std::vector<size_t>& workspaces_mib) 
   {
     // The yardstick: the whole logits in one GEMM, fp32 out (3.3 GB at 4096 rows).
     cuda::DeviceBuffer<float> logits(size_t(rows) * kVocab, "whole logits");
-    const double ms = time_ms(
+    const double ms = test::mean_ms(
         [&] {
           cuda::linear_forward(blas, logits.data(), hidden.data(), w.data(), nullptr, rows, kHidden, kVocab, false);
         },
@@ -98,9 +79,9 @@ void bench(int iterations, int rows, const std::vector<size_t>& workspaces_mib) 
     const auto backward = [&] {
       lm_head.backward(blas, dhidden.data(), dlogp.data(), hidden.data(), w.data(), targets_d.data(), lse.data(), rows);
     };
-    const double forward_ms = time_ms(forward, iterations);
-    const double gemms_ms = time_ms(gemms, iterations);
-    const double backward_ms = time_ms(backward, iterations);
+    const double forward_ms = test::mean_ms(forward, iterations);
+    const double gemms_ms = test::mean_ms(gemms, iterations);
+    const double backward_ms = test::mean_ms(backward, iterations);
     const double total_ms = forward_ms + backward_ms;
     std::printf("%5zu MiB %5d x %5d | %10.2f %8.1f %9.2f | %11.2f %8.1f | %10.2f %8.1f\n", mib, block_rows, chunk,
                 forward_ms, tflops(gemm_flops, forward_ms), gemms_ms, backward_ms, tflops(2 * gemm_flops, backward_ms),
@@ -115,21 +96,10 @@ void bench(int iterations, int rows, const std::vector<size_t>& workspaces_mib) 
 }  // namespace ossrl
 
 int main(int argc, char** argv) {
-  if (ossrl::cuda::device_count() == 0) {
-    std::puts("logprobs_bench: no GPU on this machine, nothing to time");
-    return 0;
-  }
   const int iterations = argc > 1 ? std::max(1, std::atoi(argv[1])) : 5;
   const int rows = argc > 2 ? std::max(1, std::atoi(argv[2])) : 4096;
   std::vector<size_t> workspaces;
   for (int i = 3; i < argc; ++i) workspaces.push_back(size_t(std::max(1, std::atoi(argv[i]))));
   if (workspaces.empty()) workspaces = {256, 1024, 2048};
-  try {
-    std::printf("%s\n", ossrl::cuda::device_summary(0).c_str());
-    ossrl::bench(iterations, rows, workspaces);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "logprobs_bench: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  return ossrl::test::bench_main("logprobs_bench", [&] { ossrl::bench(iterations, rows, workspaces); });
 }

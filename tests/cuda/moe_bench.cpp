@@ -15,17 +15,16 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
-#include <exception>
 #include <random>
 #include <string>
 #include <vector>
 
-#include "core/dtype.h"
 #include "cuda/buffer.h"
 #include "cuda/check.h"
 #include "cuda/device.h"
 #include "cuda/moe.h"
+#include "gpu_bench.h"
+#include "random_inputs.h"
 
 namespace ossrl {
 namespace {
@@ -34,15 +33,6 @@ constexpr int kHidden = 2880, kIntermediate = 2880, kExperts = 32, kTopK = 4;
 constexpr int kLayers = 4;
 constexpr int kLoraRank = 16;
 constexpr double kPeakBytesPerSecond = 3.0e12;
-
-std::vector<uint8_t> random_bytes(size_t n, std::mt19937_64& rng) {
-  std::vector<uint8_t> v(n);
-  for (size_t i = 0; i < n; i += 8) {
-    const uint64_t r = rng();
-    std::memcpy(v.data() + i, &r, std::min<size_t>(8, n - i));
-  }
-  return v;
-}
 
 // One projection's experts on the GPU, MXFP4 (scales 118..124) or bf16 (|w| about 2^-5),
 // kLayers copies of them at different addresses.
@@ -56,13 +46,13 @@ struct DeviceExperts {
   DeviceExperts(bool mxfp4, int out, int in, std::mt19937_64& rng) {
     const size_t values = size_t(kExperts) * out * in;
     if (mxfp4) {
-      blocks = layered(random_bytes(values / 2, rng), "blocks");
-      std::vector<uint8_t> s = random_bytes(values / 32, rng);
+      blocks = layered(test::random_bytes(values / 2, rng), "blocks");
+      std::vector<uint8_t> s = test::random_bytes(values / 32, rng);
       for (uint8_t& v : s) v = uint8_t(118 + v % 7);
       scales = layered(s, "scales");
       bytes_per_expert = double(out) * in / 2 + double(out) * in / 32;
     } else {
-      std::vector<uint8_t> raw = random_bytes(values * 2, rng);
+      std::vector<uint8_t> raw = test::random_bytes(values * 2, rng);
       std::vector<uint16_t> bits(values);
       for (size_t i = 0; i < values; ++i) {
         // sign and 7 mantissa bits random, exponent 2^-8 .. 2^-4
@@ -106,15 +96,9 @@ struct DeviceExpertAdapters {
   cuda::DeviceAdapter layer[kLayers];
 
   DeviceExpertAdapters(int out, int in, std::mt19937_64& rng) {
-    std::uniform_real_distribution<float> dist(-0.02f, 0.02f);
-    auto values = [&](size_t n) {
-      std::vector<uint16_t> v(n);
-      for (uint16_t& x : v) x = f32_to_bf16(dist(rng));
-      return v;
-    };
     const size_t a_count = size_t(kExperts) * kLoraRank * in, b_count = size_t(kExperts) * out * kLoraRank;
-    a = DeviceExperts::layered(values(a_count), "lora A");
-    b = DeviceExperts::layered(values(b_count), "lora B");
+    a = DeviceExperts::layered(test::uniform_bf16_bits(a_count, 0.02f, rng), "lora A");
+    b = DeviceExperts::layered(test::uniform_bf16_bits(b_count, 0.02f, rng), "lora B");
     for (int l = 0; l < kLayers; ++l) {
       cuda::DeviceAdapter& ad = layer[l];
       ad.experts = kExperts;
@@ -132,19 +116,11 @@ struct DeviceExpertAdapters {
 // the layers, after a warm-up pass over all of them.
 template <class Call>
 double time_calls(Call call, int iterations) {
-  cudaEvent_t start, stop;
-  OSSRL_CUDA_CHECK(cudaEventCreate(&start));
-  OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
   for (int l = 0; l < kLayers; ++l) call(l);  // warm-up: module load, first touch
-  OSSRL_CUDA_CHECK(cudaEventRecord(start, nullptr));
-  for (int i = 0; i < iterations; ++i) call(i % kLayers);
-  OSSRL_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-  OSSRL_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  OSSRL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(start));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(stop));
-  return ms / 1e3 / iterations;
+  test::EventTimer timer;
+  return 1e-3 * timer.ms([&] {
+    for (int i = 0; i < iterations; ++i) call(i % kLayers);
+  }) / iterations;
 }
 
 void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
@@ -178,10 +154,7 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
     int hit = 0;
     for (int e = 0; e < kExperts; ++e) hit += offsets[size_t(e) + 1] > offsets[size_t(e)];
 
-    std::vector<uint16_t> x_bits(size_t(tokens) * kHidden);
-    std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-    for (uint16_t& v : x_bits) v = f32_to_bf16(dist(rng));
-    const cuda::DeviceBuffer<uint16_t> x(x_bits, "x");
+    const cuda::DeviceBuffer<uint16_t> x(test::uniform_bf16_bits(size_t(tokens) * kHidden, 1.0f, rng), "x");
     const cuda::DeviceBuffer<int32_t> d_sorted(sorted, "sorted"), d_offsets(offsets, "offsets");
     cuda::DeviceBuffer<uint16_t> h(size_t(rows) * kIntermediate, "h");
     OSSRL_CUDA_CHECK(cudaMemset(h.data(), 0, h.bytes()));
@@ -234,22 +207,13 @@ void bench(bool mxfp4, int iterations, const std::vector<int>& token_counts) {
 }  // namespace ossrl
 
 int main(int argc, char** argv) {
-  if (ossrl::cuda::device_count() == 0) {
-    std::puts("moe_bench: no GPU on this machine, nothing to time");
-    return 0;
-  }
   const int iterations = argc > 1 ? std::max(1, std::atoi(argv[1])) : 20;
   const std::string formats = argc > 2 ? argv[2] : "all";
   std::vector<int> tokens;
   for (int i = 3; i < argc; ++i) tokens.push_back(std::max(1, std::atoi(argv[i])));
   if (tokens.empty()) tokens = {1, 8, 64, 256, 4096, 16384};
-  try {
-    std::printf("%s\n", ossrl::cuda::device_summary(0).c_str());
+  return ossrl::test::bench_main("moe_bench", [&] {
     if (formats != "bf16") ossrl::bench(true, iterations, tokens);
     if (formats != "mxfp4") ossrl::bench(false, iterations, tokens);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_bench: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  });
 }

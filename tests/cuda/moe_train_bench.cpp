@@ -13,7 +13,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <exception>
 #include <vector>
 
 #include "cuda/buffer.h"
@@ -22,6 +21,7 @@
 #include "cuda/lora.h"
 #include "cuda/moe_train.h"
 #include "cuda/random_init.h"
+#include "gpu_bench.h"
 
 namespace ossrl {
 namespace {
@@ -79,24 +79,6 @@ struct Adapter {
   }
 };
 
-// Mean milliseconds of call() over `iterations` back-to-back calls (after one untimed call).
-template <class Call>
-double time_ms(Call call, int iterations) {
-  call();
-  cudaEvent_t start, stop;
-  OSSRL_CUDA_CHECK(cudaEventCreate(&start));
-  OSSRL_CUDA_CHECK(cudaEventCreate(&stop));
-  OSSRL_CUDA_CHECK(cudaEventRecord(start, nullptr));
-  for (int i = 0; i < iterations; ++i) call();
-  OSSRL_CUDA_CHECK(cudaEventRecord(stop, nullptr));
-  OSSRL_CUDA_CHECK(cudaEventSynchronize(stop));
-  float ms = 0;
-  OSSRL_CUDA_CHECK(cudaEventElapsedTime(&ms, start, stop));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(start));
-  OSSRL_CUDA_CHECK(cudaEventDestroy(stop));
-  return double(ms) / iterations;
-}
-
 void bench(bool mxfp4, int r, int tokens, int iterations) {
   const Projection gate_up(mxfp4, 2 * kIntermediate, kHidden, 11), down(mxfp4, kHidden, kIntermediate, 12);
   cuda::DeviceBuffer<bf16> router(size_t(kExperts) * kHidden, "router");
@@ -124,14 +106,14 @@ void bench(bool mxfp4, int r, int tokens, int iterations) {
   cuda::MoeTrainBlock block(dims, tokens);
   OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
 
-  const double fwd = time_ms([&] { block.forward(blas, residual.data(), xn.data(), tokens, w, gate_up_ad, down_ad); },
-                             iterations);
-  const double bwd = time_ms(
+  const double fwd = test::mean_ms(
+      [&] { block.forward(blas, residual.data(), xn.data(), tokens, w, gate_up_ad, down_ad); }, iterations);
+  const double bwd = test::mean_ms(
       [&] { block.backward(blas, dxn.data(), dout.data(), xn.data(), tokens, w, gate_up_ad, down_ad); }, iterations);
   cuda::MoeTrainActivations kept(dims, tokens);
-  const double fwd_keep = time_ms(
+  const double fwd_keep = test::mean_ms(
       [&] { block.forward(blas, residual.data(), xn.data(), tokens, w, gate_up_ad, down_ad, &kept); }, iterations);
-  const double bwd_kept = time_ms(
+  const double bwd_kept = test::mean_ms(
       [&] { block.backward(blas, dxn.data(), dout.data(), xn.data(), tokens, w, gate_up_ad, down_ad, &kept); },
       iterations);
   OSSRL_CUDA_CHECK(cudaDeviceSynchronize());
@@ -156,27 +138,18 @@ void bench(bool mxfp4, int r, int tokens, int iterations) {
 }  // namespace ossrl
 
 int main(int argc, char** argv) {
-  if (ossrl::cuda::device_count() == 0) {
-    std::puts("moe_train_bench: no GPU on this machine, nothing to time");
-    return 0;
-  }
   const int iterations = argc > 1 ? std::max(1, std::atoi(argv[1])) : 10;
   std::vector<int> tokens;
   for (int i = 2; i < argc; ++i) tokens.push_back(std::max(1, std::atoi(argv[i])));
   if (tokens.empty()) tokens = {4096};
-  try {
-    std::printf("%s\nMoE training block, hidden %d, intermediate %d, %d experts, top-%d; mean of %d calls\n",
-                ossrl::cuda::device_summary(0).c_str(), ossrl::kHidden, ossrl::kIntermediate, ossrl::kExperts,
-                ossrl::kTopK, iterations);
+  return ossrl::test::bench_main("moe_train_bench", [&] {
+    std::printf("MoE training block, hidden %d, intermediate %d, %d experts, top-%d; mean of %d calls\n",
+                ossrl::kHidden, ossrl::kIntermediate, ossrl::kExperts, ossrl::kTopK, iterations);
     for (int t : tokens) {
       ossrl::bench(true, 16, t, iterations);
       ossrl::bench(true, 0, t, iterations);
       ossrl::bench(false, 16, t, iterations);
       ossrl::bench(false, 0, t, iterations);
     }
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "moe_train_bench: %s\n", e.what());
-    return 1;
-  }
-  return 0;
+  });
 }

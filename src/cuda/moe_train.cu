@@ -34,6 +34,42 @@ using FragBRow = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::row_majo
 using FragBCol = wmma::fragment<wmma::matrix_b, 16, 16, 16, bf16, wmma::col_major>;
 using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
 
+// A warp's 16 x kRank strip of a LoRA tile product in fp32: zeroed, fed kStep-deep slices of
+// the staged operands, then spilled to shared memory for the CTA's epilogue. a(kk) points at
+// the warp's 16 x 16 A fragment at depth kk, b(kk, f) at B's fragment for rank columns 16f.
+template <int kRank>
+struct RankAccumulator {
+  FragC acc[kRank / 16];
+
+  __device__ __forceinline__ RankAccumulator() {
+#pragma unroll
+    for (int f = 0; f < kRank / 16; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  }
+  template <class FragAT, class FragBT, int kStep, class AAt, class BAt>
+  __device__ __forceinline__ void multiply(AAt a, int lda, BAt b, int ldb) {
+#pragma unroll
+    for (int kk = 0; kk < kStep; kk += 16) {
+      FragAT fa;
+      wmma::load_matrix_sync(fa, a(kk), lda);
+#pragma unroll
+      for (int f = 0; f < kRank / 16; ++f) {
+        FragBT fb;
+        wmma::load_matrix_sync(fb, b(kk, f), ldb);
+        wmma::mma_sync(acc[f], fa, fb, acc[f]);
+      }
+    }
+  }
+  // The strip to rows [16 warp, 16 warp + 16) of out (row-major, ld), then the CTA waits so
+  // the epilogue reads every warp's rows.
+  __device__ __forceinline__ void spill(float* out, int ld, int warp) {
+#pragma unroll
+    for (int f = 0; f < kRank / 16; ++f) {
+      wmma::store_matrix_sync(out + warp * 16 * ld + f * 16, acc[f], ld, wmma::mem_row_major);
+    }
+    __syncthreads();
+  }
+};
+
 // The rank tile for rank r: the smallest of 16, 32, 64 that holds it (larger r: chunks of 64).
 template <class F>
 void with_rank_tile(int r, F f) {
@@ -219,9 +255,7 @@ __global__ void __launch_bounds__(kThreads) lora_project_kernel(bf16* u, const b
     mr.load(mt, e, q0, r, k0, K);
   };
 
-  FragC acc[kRank / 16];
-#pragma unroll
-  for (int f = 0; f < kRank / 16; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  RankAccumulator<kRank> acc;
   load(0);
   for (int k0 = 0; k0 < K; k0 += kStep) {
 #pragma unroll
@@ -232,24 +266,11 @@ __global__ void __launch_bounds__(kThreads) lora_project_kernel(bf16* u, const b
     mr.store(ms, kLd, mt.stride_q == 1);
     __syncthreads();
     if (k0 + kStep < K) load(k0 + kStep);
-#pragma unroll
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragA a;
-      wmma::load_matrix_sync(a, xs + warp * 16 * kLd + kk, kLd);
-#pragma unroll
-      for (int f = 0; f < kRank / 16; ++f) {
-        FragBCol b;
-        wmma::load_matrix_sync(b, ms + f * 16 * kLd + kk, kLd);
-        wmma::mma_sync(acc[f], a, b, acc[f]);
-      }
-    }
+    acc.template multiply<FragA, FragBCol, kStep>([&](int kk) { return xs + warp * 16 * kLd + kk; }, kLd,
+                                                  [&](int kk, int f) { return ms + f * 16 * kLd + kk; }, kLd);
     __syncthreads();
   }
-#pragma unroll
-  for (int f = 0; f < kRank / 16; ++f) {
-    wmma::store_matrix_sync(out + warp * 16 * kLdOut + f * 16, acc[f], kLdOut, wmma::mem_row_major);
-  }
-  __syncthreads();
+  acc.spill(out, kLdOut, warp);
   for (int i = threadIdx.x; i < kTileRows * kRank; i += kThreads) {
     const int row = i / kRank, q = i % kRank;
     if (row < tile.count && q0 + q < r) {
@@ -279,9 +300,7 @@ __global__ void __launch_bounds__(kThreads) lora_weight_grad_kernel(RankOperand<
   const int warp = threadIdx.x / 32;
   const bf16 zero = __float2bfloat16_rn(0.0f);
 
-  FragC acc[kRank / 16];
-#pragma unroll
-  for (int f = 0; f < kRank / 16; ++f) wmma::fill_fragment(acc[f], 0.0f);
+  RankAccumulator<kRank> acc;
   for (int j0 = begin; j0 < end; j0 += kStep) {
     for (int i = threadIdx.x; i < kStep * kTileCols / 8; i += kThreads) {
       const int row = i / (kTileCols / 8), c = i % (kTileCols / 8) * 8;
@@ -294,24 +313,11 @@ __global__ void __launch_bounds__(kThreads) lora_weight_grad_kernel(RankOperand<
       qs[row * kLdQ + c] = j0 + row < end && q0 + c < r ? q[int64_t(j0 + row) * r + q0 + c] : zero;
     }
     __syncthreads();
-#pragma unroll
-    for (int kk = 0; kk < kStep; kk += 16) {
-      FragACol a;
-      wmma::load_matrix_sync(a, ps + kk * kLdP + warp * 16, kLdP);
-#pragma unroll
-      for (int f = 0; f < kRank / 16; ++f) {
-        FragBRow b;
-        wmma::load_matrix_sync(b, qs + kk * kLdQ + f * 16, kLdQ);
-        wmma::mma_sync(acc[f], a, b, acc[f]);
-      }
-    }
+    acc.template multiply<FragACol, FragBRow, kStep>([&](int kk) { return ps + kk * kLdP + warp * 16; }, kLdP,
+                                                     [&](int kk, int f) { return qs + kk * kLdQ + f * 16; }, kLdQ);
     __syncthreads();
   }
-#pragma unroll
-  for (int f = 0; f < kRank / 16; ++f) {
-    wmma::store_matrix_sync(out + warp * 16 * kLdOut + f * 16, acc[f], kLdOut, wmma::mem_row_major);
-  }
-  __syncthreads();
+  acc.spill(out, kLdOut, warp);
   for (int i = threadIdx.x; i < kTileCols * kRank; i += kThreads) {
     const int c = i / kRank, qq = i % kRank;
     if (c0 + c < width && q0 + qq < r) {

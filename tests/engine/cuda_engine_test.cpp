@@ -22,12 +22,16 @@
 #include <vector>
 
 #include "core/error.h"
+#include "cuda_engine_fixture.h"
 #include "cuda/gpu_test.h"
 #include "engine/generate.h"
 #include "model/cpu_model.h"
 
 namespace ossrl {
 namespace {
+
+using test::cpu_logits_along;
+using test::small_engine;
 
 // Log-prob agreement (absolute), as the 95th percentile and the worst of |difference|.
 // Measured on an H100 with this repository's kernels (2026-11-22, the three fixtures):
@@ -50,15 +54,7 @@ constexpr LogprobBounds kGpuVsGpu{0.05, 0.5};
 constexpr double kGreedyTie = 0.05;
 constexpr double kSampleBoundary = 0.03;
 
-std::string fixture(const std::string& name) { return std::string(OSSRL_FIXTURE_DIR) + "/" + name; }
-
-// Deterministic prompt tokens, all below the fixtures' special ids.
-std::vector<int32_t> make_prompt(int length, uint64_t salt) {
-  SamplingRng rng(1234, salt);
-  std::vector<int32_t> p(static_cast<size_t>(length));
-  for (int32_t& t : p) t = int32_t(rng.next() * 370);
-  return p;
-}
+std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(1234, length, salt); }
 
 // Absolute differences, summarised.
 struct Differences {
@@ -89,18 +85,6 @@ struct Differences {
 
 std::string at(size_t sequence, size_t index) {
   return "sequence " + std::to_string(sequence) + " token " + std::to_string(index);
-}
-
-// The CPU's logits at each token of g: row k is the distribution g.tokens[k] was drawn from.
-std::vector<float> cpu_logits_along(CpuModel& cpu, const std::vector<int32_t>& prompt, const Generation& g) {
-  std::vector<int32_t> seq = prompt;
-  if (!g.tokens.empty()) seq.insert(seq.end(), g.tokens.begin(), g.tokens.end() - 1);
-  const int32_t offsets[] = {0, int32_t(seq.size())};
-  KvCache cache = cpu.new_cache();
-  KvCache* caches[] = {&cache};
-  const std::vector<float> logits = cpu.forward(seq, offsets, caches, LogitsFor::AllTokens);
-  const size_t vocab = size_t(cpu.config().vocab_size);
-  return std::vector<float>(logits.begin() + std::ptrdiff_t((prompt.size() - 1) * vocab), logits.end());
 }
 
 // a and b: rollouts of `prompts` under `options` that must agree; b is from the GPU engine,
@@ -138,14 +122,12 @@ void expect_same_rollouts(CpuModel& cpu, const std::vector<std::vector<int32_t>>
     const int32_t ta = a[i].tokens[k], tb = b[i].tokens[k];
     const std::span<const float> r = row(k);
     if (options.sampling.temperature == 0.0f) {
-      const float top = *std::max_element(r.begin(), r.end());
-      float scale = 0;
-      for (float x : r) scale = std::max(scale, std::abs(x));
-      const double gap = top - std::min(r[size_t(ta)], r[size_t(tb)]);
+      const test::GreedyFork fork = test::greedy_fork(r, ta, tb);
       std::cout << "[ fork     ] " << what << ": greedy " << at(i, k) << " " << ta << " vs " << tb
-                << ", CPU logit gap " << gap << " (max|logit| " << scale << ")\n";
-      EXPECT_LE(gap, kGreedyTie * scale) << what << ": greedy rollouts fork at " << at(i, k) << " (" << ta << " vs "
-                                         << tb << ") where the CPU logits are no tie";
+                << ", CPU logit gap " << fork.gap << " (max|logit| " << fork.scale << ")\n";
+      EXPECT_LE(fork.gap, kGreedyTie * fork.scale)
+          << what << ": greedy rollouts fork at " << at(i, k) << " (" << ta << " vs " << tb
+          << ") where the CPU logits are no tie";
     } else {
       const std::vector<float> p = sampling_distribution(r, options.sampling);
       const double u = SamplingRng::uniform(SamplingRng(options.seed, i).key(), k + 1);
@@ -179,25 +161,7 @@ EngineRun run_engine(CudaModel& model, const EngineOptions& engine_options,
   return run;
 }
 
-EngineOptions small_engine() {
-  EngineOptions o;
-  o.max_batch = 8;
-  o.prefill_chunk = 24;  // prompts longer than this are prefilled over several steps, beside decodes
-  o.kv_pages = 128;
-  o.max_sequence_length = 256;
-  return o;
-}
-
-class CudaEngineFixture : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    OSSRL_REQUIRE_GPU();
-    cpu_ = std::make_unique<CpuModel>(fixture(GetParam()));
-    gpu_ = CudaModel::load(fixture(GetParam()));
-  }
-  std::unique_ptr<CpuModel> cpu_;
-  std::unique_ptr<CudaModel> gpu_;
-};
+class CudaEngineFixture : public test::CpuAndCudaModels {};
 
 // Lengths around the page size (16), the prefill chunk (24) and the sliding windows (8-16).
 const std::vector<std::vector<int32_t>> kPrompts = {make_prompt(1, 0),  make_prompt(7, 1),  make_prompt(16, 2),

@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "core/dtype.h"
+#include "cuda_engine_fixture.h"
 #include "cuda/gpu_test.h"
 #include "cuda/lora.h"
 #include "engine/cuda_engine.h"
@@ -49,15 +50,7 @@ constexpr double kP95 = 0.2, kMax = 1.5;  // |log-prob difference|, GPU against 
 constexpr double kNearer = 0.3;           // mean |GPU - CPU LoRA| / mean |CPU LoRA - CPU base|
 constexpr double kGreedyTie = 0.05;       // a greedy fork's CPU logit gap / max |logit|
 
-std::string fixture(const std::string& name) { return std::string(OSSRL_FIXTURE_DIR) + "/" + name; }
-
-// Deterministic tokens below the fixtures' special ids.
-std::vector<int32_t> make_prompt(int length, uint64_t salt) {
-  SamplingRng rng(4321, salt);
-  std::vector<int32_t> p(static_cast<size_t>(length));
-  for (int32_t& t : p) t = int32_t(rng.next() * 370);
-  return p;
-}
+std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(4321, length, salt); }
 
 // |W x| of each adapted projection on the fixtures, relative to |x| (see the header).
 double output_scale(LoraTarget t) {
@@ -159,15 +152,6 @@ LoraConfig lora_config(std::vector<std::string> modules, bool sinks) {
   return c;
 }
 
-EngineOptions small_engine() {
-  EngineOptions o;
-  o.max_batch = 16;
-  o.prefill_chunk = 24;
-  o.kv_pages = 128;
-  o.max_sequence_length = 256;
-  return o;
-}
-
 // |a - b| per token (sequence starts skipped), summarised.
 struct Differences {
   std::vector<double> values;
@@ -195,16 +179,7 @@ struct Differences {
   }
 };
 
-class CudaLoraFixture : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    OSSRL_REQUIRE_GPU();
-    cpu_ = std::make_unique<CpuModel>(fixture(GetParam()));
-    gpu_ = CudaModel::load(fixture(GetParam()));
-  }
-  std::unique_ptr<CpuModel> cpu_;
-  std::unique_ptr<CudaModel> gpu_;
-};
+class CudaLoraFixture : public test::CpuAndCudaModels {};
 
 TEST_P(CudaLoraFixture, LogProbsMatchCpuPolicy) {
   OSSRL_REQUIRE_GPU();
@@ -239,7 +214,7 @@ TEST_P(CudaLoraFixture, LogProbsMatchCpuPolicy) {
     gpu_->set_adapters(uploaded.layers());  // before the engine allocates
     std::vector<float> got;
     {
-      CudaEngine engine(*gpu_, small_engine());
+      CudaEngine engine(*gpu_, test::small_engine(16));
       got = engine.log_probs(tokens, offsets);
     }
     gpu_->set_adapters({});  // the views die with `uploaded`
@@ -254,19 +229,6 @@ TEST_P(CudaLoraFixture, LogProbsMatchCpuPolicy) {
     EXPECT_LE(gpu_vs_cpu.mean(), kNearer * effect.mean())
         << what << ": the GPU is not much nearer the CPU with the adapters than without them";
   }
-}
-
-// The CPU's logits along a rollout: row i is the distribution tokens[i] was chosen from.
-std::vector<float> cpu_logits_along(CpuModel& cpu, std::span<const LayerAdapters* const> adapters,
-                                    const std::vector<int32_t>& prompt, const Generation& g) {
-  std::vector<int32_t> seq = prompt;
-  seq.insert(seq.end(), g.tokens.begin(), g.tokens.end() - 1);
-  const int32_t offsets[] = {0, int32_t(seq.size())};
-  KvCache cache = cpu.new_cache();
-  KvCache* caches[] = {&cache};
-  const std::vector<float> logits = cpu.forward(seq, offsets, caches, LogitsFor::AllTokens, adapters);
-  const size_t vocab = size_t(cpu.config().vocab_size);
-  return std::vector<float>(logits.begin() + std::ptrdiff_t((prompt.size() - 1) * vocab), logits.end());
 }
 
 // Greedy decoding with the adapters follows the CPU's argmax with the same adapters up to the
@@ -291,9 +253,7 @@ TEST_P(CudaLoraFixture, GreedyMatchesCpuGenerateWithAdapters) {
   std::vector<Generation> gpu;
   EngineStats stats;
   {
-    EngineOptions o = small_engine();
-    o.max_batch = 8;
-    CudaEngine engine(*gpu_, o);
+    CudaEngine engine(*gpu_, test::small_engine(8));
     gpu_->set_adapters(uploaded.layers());
     gpu = engine.generate(prompts, options);
     stats = engine.stats();
@@ -307,7 +267,7 @@ TEST_P(CudaLoraFixture, GreedyMatchesCpuGenerateWithAdapters) {
     ASSERT_FALSE(gpu[i].tokens.empty()) << "sequence " << i;
     ASSERT_EQ(gpu[i].tokens.size(), gpu[i].logprobs.size()) << "sequence " << i;
     base_differs += cpu[i].tokens != cpu_base[i].tokens;
-    const std::vector<float> rows = cpu_logits_along(*cpu_, adapters, prompts[i], gpu[i]);
+    const std::vector<float> rows = test::cpu_logits_along(*cpu_, prompts[i], gpu[i], adapters);
     const size_t vocab = size_t(cpu_->config().vocab_size);
     auto row = [&](size_t k) { return std::span<const float>(rows).subspan(k * vocab, vocab); };
     for (size_t k = 0; k < gpu[i].tokens.size(); ++k) {
@@ -322,16 +282,13 @@ TEST_P(CudaLoraFixture, GreedyMatchesCpuGenerateWithAdapters) {
       continue;
     }
     ++forks;
-    const std::span<const float> r = row(k);
-    const float top = *std::max_element(r.begin(), r.end());
-    float scale = 0;
-    for (float v : r) scale = std::max(scale, std::abs(v));
     const int32_t a = cpu[i].tokens[k], b = gpu[i].tokens[k];
-    const double gap = top - std::min(r[size_t(a)], r[size_t(b)]);
+    const test::GreedyFork fork = test::greedy_fork(row(k), a, b);
     std::cout << "[ fork     ] " << GetParam() << ": sequence " << i << " token " << k << " " << a << " vs " << b
-              << ", CPU logit gap " << gap << " (max|logit| " << scale << ")\n";
-    EXPECT_LE(gap, kGreedyTie * scale) << "greedy rollouts with adapters fork at sequence " << i << " token " << k
-                                       << " where the CPU logits are no tie";
+              << ", CPU logit gap " << fork.gap << " (max|logit| " << fork.scale << ")\n";
+    EXPECT_LE(fork.gap, kGreedyTie * fork.scale)
+        << "greedy rollouts with adapters fork at sequence " << i << " token " << k
+        << " where the CPU logits are no tie";
   }
   std::nth_element(diffs.begin(), diffs.begin() + std::ptrdiff_t(0.95 * double(diffs.size())), diffs.end());
   const double p95 = diffs[size_t(0.95 * double(diffs.size()))];

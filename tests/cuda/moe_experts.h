@@ -1,9 +1,15 @@
 // One projection's MoE experts for the GPU tests: the host copy (the CPU oracle's WeightMatrix
 // per expert) and the device copy (cuda::ExpertWeights). Each test fills the host side with
-// the random weights it needs (random_inputs.h), then upload()s.
+// the random weights it needs (random_inputs.h), then upload()s. Plus the checks of the expert
+// kernels' two outputs against the oracle, each fed what the GPU fed its kernel.
 #pragma once
 
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "cuda/buffer.h"
@@ -63,5 +69,40 @@ struct Experts {
     return w;
   }
 };
+
+// Slots [first, first + rows) of the GPU's h [slots, I] (expert e) against the oracle's SwiGLU
+// rows h_ref [rows, I]. The GPU rounds h to bf16 (2^-9 relative) after an fp32 sum in another
+// order; SwiGLU's slope (up to ~8 at the clamp) scales that order difference, which stays far
+// below 1e-2 of the row's largest |h|. The second term is the bf16 rounding of h itself, the
+// input of the down projection. max_err: the largest |error| seen, kept across calls.
+inline void expect_swiglu_rows(const std::vector<float>& h, const std::vector<float>& h_ref, int first, int rows,
+                               int I, int e, const std::string& name, double& max_err) {
+  for (int i = 0; i < rows; ++i) {
+    const float* ref = h_ref.data() + int64_t(i) * I;
+    const float* got = h.data() + int64_t(first + i) * I;
+    float row_max = 0;
+    for (int u = 0; u < I; ++u) row_max = std::max(row_max, std::abs(ref[u]));
+    for (int u = 0; u < I; ++u) {
+      const double err = std::abs(double(got[u]) - ref[u]);
+      max_err = std::max(max_err, err);
+      ASSERT_LE(err, 1e-2 * row_max + std::ldexp(std::abs(ref[u]), -8))
+          << name << ": h slot " << first + i << " (expert " << e << ") unit " << u << ": gpu " << got[u] << " cpu "
+          << ref[u] << " (row max " << row_max << ")";
+    }
+  }
+}
+
+// The GPU's y [slots, H] (assignment order) against the oracle's y_ref from the GPU's own h:
+// fp32 sums of the same bf16 products in another order, within 1e-3 of max |y| (y_max).
+inline void expect_down_rows(const std::vector<float>& y, const std::vector<float>& y_ref, int H,
+                             const std::string& name, double& y_max, double& max_err) {
+  for (float v : y_ref) y_max = std::max(y_max, double(std::abs(v)));
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double err = std::abs(double(y[i]) - y_ref[i]);
+    max_err = std::max(max_err, err);
+    ASSERT_LE(err, 1e-3 * y_max) << name << ": y assignment " << i / size_t(H) << " column " << i % size_t(H)
+                                 << ": gpu " << y[i] << " cpu " << y_ref[i] << " (max |y| " << y_max << ")";
+  }
+}
 
 }  // namespace ossrl::test

@@ -226,19 +226,7 @@ TEST_P(MoeLora, MatchesCpuMoeForward) {
     };
     for (int i = 0; i < m; ++i) add_update(gu.data() + int64_t(i) * 2 * I, u_gu, lora_gu, begin + i);
     swiglu_forward(h_ref.data(), gu.data(), m, I, kLimit);
-    for (int i = 0; i < m; ++i) {
-      const float* ref = h_ref.data() + int64_t(i) * I;
-      const float* got = h.data() + int64_t(begin + i) * I;
-      float row_max = 0;
-      for (int j = 0; j < I; ++j) row_max = std::max(row_max, std::abs(ref[j]));
-      for (int j = 0; j < I; ++j) {
-        const double err = std::abs(double(got[j]) - ref[j]);
-        h_max_err = std::max(h_max_err, err);
-        ASSERT_LE(err, 1e-2 * row_max + std::ldexp(std::abs(ref[j]), -8))
-            << c.name << ": h slot " << begin + i << " (expert " << e << ") unit " << j << ": gpu " << got[j]
-            << " cpu " << ref[j] << " (row max " << row_max << ")";
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(test::expect_swiglu_rows(h, h_ref, begin, m, I, e, c.name, h_max_err));
     std::vector<float> hs(h.begin() + int64_t(begin) * I, h.begin() + int64_t(begin + m) * I);
     linear_forward(ye.data(), hs.data(), down.matrix(e), down.bias.data() + int64_t(e) * H, m);
     for (int i = 0; i < m; ++i) {
@@ -246,13 +234,7 @@ TEST_P(MoeLora, MatchesCpuMoeForward) {
       std::copy_n(ye.begin() + int64_t(i) * H, H, y_ref.begin() + int64_t(sorted[size_t(begin + i)]) * H);
     }
   }
-  for (float v : y_ref) y_max = std::max(y_max, double(std::abs(v)));
-  for (size_t i = 0; i < y.size(); ++i) {
-    const double err = std::abs(double(y[i]) - y_ref[i]);
-    y_max_err = std::max(y_max_err, err);
-    ASSERT_LE(err, 1e-3 * y_max) << c.name << ": y assignment " << i / size_t(H) << " column " << i % size_t(H)
-                                 << ": gpu " << y[i] << " cpu " << y_ref[i] << " (max |y| " << y_max << ")";
-  }
+  ASSERT_NO_FATAL_FAILURE(test::expect_down_rows(y, y_ref, H, c.name, y_max, y_max_err));
 
   // End to end: Σ_s weight · y against moe_forward's output.
   cuda::DeviceBuffer<float> d_out(std::vector<float>(size_t(n) * H, 0.0f)), d_weight(act.expert_weight);

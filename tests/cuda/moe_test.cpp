@@ -135,23 +135,7 @@ TEST_P(MoeKernels, MatchCpuReference) {
     linear_forward(gu.data(), xs.data(), gate_up.matrix(e), gate_up.bias.data() + int64_t(e) * 2 * I, m);
     for (float v : gu) clamped += std::abs(v) > limit;
     swiglu_forward(h_ref.data(), gu.data(), m, I, limit);
-    // h: the GPU rounds to bf16 (2^-9 relative) after an fp32 sum in another order; SwiGLU's
-    // slope (up to ~8 at the clamp) scales that order difference, which stays far below 1e-2
-    // of the row's largest |h|. The second term is the bf16 rounding of h itself, the input
-    // of the down projection.
-    for (int i = 0; i < m; ++i) {
-      const float* ref = h_ref.data() + int64_t(i) * I;
-      const float* got = h.data() + int64_t(begin + i) * I;
-      float row_max = 0;
-      for (int u = 0; u < I; ++u) row_max = std::max(row_max, std::abs(ref[u]));
-      for (int u = 0; u < I; ++u) {
-        const double err = std::abs(double(got[u]) - ref[u]);
-        h_max_err = std::max(h_max_err, err);
-        ASSERT_LE(err, 1e-2 * row_max + std::ldexp(std::abs(ref[u]), -8))
-            << c.name << ": h slot " << begin + i << " (expert " << e << ") unit " << u << ": gpu " << got[u]
-            << " cpu " << ref[u] << " (row max " << row_max << ")";
-      }
-    }
+    ASSERT_NO_FATAL_FAILURE(test::expect_swiglu_rows(h, h_ref, begin, m, I, e, c.name, h_max_err));
     // y from the GPU's own bf16 h, so only the down projection's error is measured.
     std::vector<float> hs(h.begin() + int64_t(begin) * I, h.begin() + int64_t(begin + m) * I);
     linear_forward(y_ref.data(), hs.data(), down.matrix(e), down.bias.data() + int64_t(e) * H, m);
@@ -160,14 +144,7 @@ TEST_P(MoeKernels, MatchCpuReference) {
       std::copy_n(y_ref.begin() + int64_t(i) * H, H, ys_ref.begin() + int64_t(a) * H);
     }
   }
-  for (float v : ys_ref) y_max = std::max(y_max, double(std::abs(v)));
-  for (size_t i = 0; i < y.size(); ++i) {
-    const double err = std::abs(double(y[i]) - ys_ref[i]);
-    y_max_err = std::max(y_max_err, err);
-    // fp32 sums of the same bf16 products in another order.
-    ASSERT_LE(err, 1e-3 * y_max) << c.name << ": y assignment " << i / size_t(H) << " column " << i % size_t(H)
-                                 << ": gpu " << y[i] << " cpu " << ys_ref[i] << " (max |y| " << y_max << ")";
-  }
+  ASSERT_NO_FATAL_FAILURE(test::expect_down_rows(y, ys_ref, H, c.name, y_max, y_max_err));
   if (c.x_scale > 1) EXPECT_GT(clamped, 0) << "the SwiGLU clamp was not exercised";
 
   // combine: residual += Σ_s w[t,s] y[t*k+s].

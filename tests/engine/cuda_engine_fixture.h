@@ -31,6 +31,21 @@ inline std::vector<int32_t> random_prompt(uint64_t seed, int length, uint64_t sa
   return p;
 }
 
+// A ragged batch of whole sequences for the log-prob checks, tokens and offsets: lengths 2, 17,
+// 1, 40, 64, 5 (one token, page and prefill-chunk boundaries), prompt salts first_salt + length.
+struct ScoredBatch {
+  std::vector<int32_t> tokens, offsets{0};
+};
+inline ScoredBatch scored_batch(uint64_t seed, uint64_t first_salt) {
+  ScoredBatch b;
+  for (int length : {2, 17, 1, 40, 64, 5}) {
+    const std::vector<int32_t> s = random_prompt(seed, length, first_salt + uint64_t(length));
+    b.tokens.insert(b.tokens.end(), s.begin(), s.end());
+    b.offsets.push_back(int32_t(b.tokens.size()));
+  }
+  return b;
+}
+
 // An engine sized for the fixtures' prompts: prompts longer than prefill_chunk are prefilled
 // over several steps, beside decodes.
 inline EngineOptions small_engine(int max_batch = 8) {

@@ -54,7 +54,8 @@ constexpr LogprobBounds kGpuVsGpu{0.05, 0.5};
 constexpr double kGreedyTie = 0.05;
 constexpr double kSampleBoundary = 0.03;
 
-std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(1234, length, salt); }
+constexpr uint64_t kPromptSeed = 1234;
+std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(kPromptSeed, length, salt); }
 
 // Absolute differences, summarised.
 struct Differences {
@@ -193,12 +194,7 @@ TEST_P(CudaEngineFixture, SampledMatchesCpuGenerate) {
 
 TEST_P(CudaEngineFixture, LogProbsMatchCpuModel) {
   OSSRL_REQUIRE_GPU();
-  std::vector<int32_t> tokens, offsets{0};
-  for (int length : {2, 17, 1, 40, 64, 5}) {
-    const std::vector<int32_t> s = make_prompt(length, 100 + uint64_t(length));
-    tokens.insert(tokens.end(), s.begin(), s.end());
-    offsets.push_back(int32_t(tokens.size()));
-  }
+  const auto [tokens, offsets] = test::scored_batch(kPromptSeed, 100);
   const std::vector<float> want = cpu_->log_probs(tokens, offsets);
   EngineOptions o = small_engine();
   o.max_batch = 16;  // 16 scored tokens per step: the long sequences span several steps

@@ -50,7 +50,8 @@ constexpr double kP95 = 0.2, kMax = 1.5;  // |log-prob difference|, GPU against 
 constexpr double kNearer = 0.3;           // mean |GPU - CPU LoRA| / mean |CPU LoRA - CPU base|
 constexpr double kGreedyTie = 0.05;       // a greedy fork's CPU logit gap / max |logit|
 
-std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(4321, length, salt); }
+constexpr uint64_t kPromptSeed = 4321;
+std::vector<int32_t> make_prompt(int length, uint64_t salt) { return test::random_prompt(kPromptSeed, length, salt); }
 
 // |W x| of each adapted projection on the fixtures, relative to |x| (see the header).
 double output_scale(LoraTarget t) {
@@ -183,12 +184,7 @@ class CudaLoraFixture : public test::CpuAndCudaModels {};
 
 TEST_P(CudaLoraFixture, LogProbsMatchCpuPolicy) {
   OSSRL_REQUIRE_GPU();
-  std::vector<int32_t> tokens, offsets{0};
-  for (int length : {2, 17, 1, 40, 64, 5}) {
-    const std::vector<int32_t> s = make_prompt(length, 200 + uint64_t(length));
-    tokens.insert(tokens.end(), s.begin(), s.end());
-    offsets.push_back(int32_t(tokens.size()));
-  }
+  const auto [tokens, offsets] = test::scored_batch(kPromptSeed, 200);
   const std::vector<float> base = cpu_->log_probs(tokens, offsets);
   struct Subset {
     std::string name;

@@ -143,7 +143,6 @@ struct CudaPolicy::Impl {
   const GptOssConfig& c;
   DeviceLora* lora;
   CudaPolicyOptions options;
-  size_t buffer_bytes = 0;
   PolicyBuffers b;
   cuda::Blas blas{nullptr};
   cuda::MoeTrainBlock moe;
@@ -178,7 +177,6 @@ struct CudaPolicy::Impl {
                                                             o.max_tokens);
       }
     }
-    buffer_bytes = a.bytes();
   }
 
   int hidden() const { return c.hidden_size; }
@@ -375,9 +373,7 @@ size_t CudaPolicy::bytes(const GptOssConfig& config, int lora_r, bool mxfp4, con
 }
 
 size_t CudaPolicy::bytes() const {
-  return impl_->buffer_bytes + cuda::MoeTrainBlock::bytes(moe_dims(impl_->c, lora_rank(impl_->lora), impl_->options, impl_->w.mxfp4_experts()),
-                                                          impl_->moe_chunk()) +
-         impl_->lm_head.bytes();
+  return bytes(impl_->c, lora_rank(impl_->lora), impl_->w.mxfp4_experts(), impl_->options);
 }
 
 PolicyOutput CudaPolicy::forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,

@@ -1,6 +1,8 @@
-// Sampling and scoring on the GPU, one CTA per row of logits.
+// Sampling and scoring on the GPU, one cluster of CTAs per row of logits.
 //
-// Every pass over a row gives each warp one contiguous segment, read lane-strided (coalesced).
+// Every pass over a row gives each warp of the row's cluster one contiguous segment, read
+// lane-strided (coalesced). Few rows (decode at small batches) take several CTAs each: one
+// CTA's passes over a 200k-token row are SM-bound, and the GPU's other SMs would idle.
 // Probability masses are summed as fixed-point integers (multiples of 2^-62 of the row's
 // softmax mass), so every sum is exact and independent of its order: the segment totals, the
 // block scan inside a segment and the final walk agree to the last bit, and the draw finds
@@ -12,6 +14,7 @@
 #include <cstdint>
 #include <limits>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/check.h"
@@ -19,8 +22,11 @@
 namespace ossrl::cuda {
 namespace {
 
+namespace cg = cooperative_groups;
+
 constexpr int kThreads = 1024;
 constexpr int kWarps = kThreads / 32;
+constexpr int kMaxRowCtas = 8;  // CTAs per row: the portable cluster size
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 // A probability in [0, 1] as an integer multiple of 2^-62: a row's masses, which sum to about
@@ -32,15 +38,35 @@ __device__ Mass fixed(float p) { return __float2ull_rn(p * kFixedOne); }  // exa
 __device__ int lane_id() { return int(threadIdx.x) % 32; }
 __device__ int warp_id() { return int(threadIdx.x) / 32; }
 
-// This warp's part of the row, [begin, end).
+// The row's warps: warp w of the cluster's CTA of rank r is warp r * kWarps + w.
+__device__ int row_warps() { return int(cg::this_cluster().num_blocks()) * kWarps; }
+__device__ int row_warp() { return int(cg::this_cluster().block_rank()) * kWarps + warp_id(); }
+
+// Row warp `warp`'s part of the row, [begin, end).
 struct Segment {
   int begin;
   int end;
 };
 __device__ Segment warp_segment(int vocab, int warp) {
-  const int length = (vocab + kWarps - 1) / kWarps;
+  const int warps = row_warps();
+  const int length = (vocab + warps - 1) / warps;
   const int begin = min(warp * length, vocab);
   return {begin, min(begin + length, vocab)};
+}
+
+// fold(... fold(fold(init, v_0), v_1) ..., v_last) of the cluster's CTAs' values v_r (each
+// CTA-uniform) in rank order, in every thread of the cluster: the same bits everywhere, and
+// with one CTA fold(init, v_0) = v_0. `slot` is a __shared__ T of the caller; the barrier after
+// the reads lets the caller reuse it.
+template <class T, class Fold>
+__device__ T cluster_fold(T mine, T* slot, T init, Fold fold) {
+  const cg::cluster_group cluster = cg::this_cluster();
+  if (threadIdx.x == 0) *slot = mine;
+  cluster.sync();
+  T r = init;
+  for (unsigned c = 0; c < cluster.num_blocks(); ++c) r = fold(r, *cluster.map_shared_rank(slot, c));
+  cluster.sync();
+  return r;
 }
 
 // f(i, logits[i]) for this lane's ids of `seg`, lane-strided so that each warp access is
@@ -99,18 +125,22 @@ __device__ SoftmaxStats shfl_xor(const SoftmaxStats& s, int offset) {
 // One pass (online softmax) over logits [vocab]: the same statistics in every thread.
 __device__ SoftmaxStats softmax_stats(const float* logits, int vocab, float temperature) {
   __shared__ SoftmaxStats warp_stats[kWarps];
+  __shared__ SoftmaxStats cta_stats;
   const bool tempered = temperature != 1.0f && temperature != 0.0f;
   SoftmaxStats s;
-  for_each_logit(logits, warp_segment(vocab, warp_id()), [&](int i, float l) {
+  for_each_logit(logits, warp_segment(vocab, row_warp()), [&](int i, float l) {
     // A single logit is its own max: exp(0) = 1 at any temperature.
     s = merge(s, SoftmaxStats{l, i, 1.0f, 1.0f}, temperature, tempered);
   });
   for (int offset = 16; offset > 0; offset /= 2) s = merge(s, shfl_xor(s, offset), temperature, tempered);
   if (lane_id() == 0) warp_stats[warp_id()] = s;
   __syncthreads();
-  SoftmaxStats row;
-  for (int w = 0; w < kWarps; ++w) row = merge(row, warp_stats[w], temperature, tempered);
-  __syncthreads();  // warp_stats is reused by the next call
+  SoftmaxStats cta;
+  for (int w = 0; w < kWarps; ++w) cta = merge(cta, warp_stats[w], temperature, tempered);
+  // Its barriers also order these reads of warp_stats before the next call's writes.
+  SoftmaxStats row = cluster_fold(cta, &cta_stats, SoftmaxStats{}, [&](const SoftmaxStats& a, const SoftmaxStats& b) {
+    return merge(a, b, temperature, tempered);
+  });
   if (!tempered) row.sum_t = row.sum;
   return row;
 }
@@ -140,15 +170,16 @@ struct Row {
   template <class Term>
   __device__ Mass sum(Term term) const {
     __shared__ Mass warp_totals[kWarps];
+    __shared__ Mass cta_total;
     Mass s = 0;
-    for_each_logit(logits, warp_segment(vocab, warp_id()), [&](int i, float l) { s += term(i, prob(l)); });
+    for_each_logit(logits, warp_segment(vocab, row_warp()), [&](int i, float l) { s += term(i, prob(l)); });
     s = warp_sum(s);
     if (lane_id() == 0) warp_totals[warp_id()] = s;
     __syncthreads();
     Mass total = 0;
     for (int w = 0; w < kWarps; ++w) total += warp_totals[w];
-    __syncthreads();  // warp_totals is reused by the next call
-    return total;
+    // Its barriers also order these reads of warp_totals before the next call's writes.
+    return cluster_fold(total, &cta_total, Mass(0), [](Mass a, Mass b) { return a + b; });
   }
 };
 
@@ -172,7 +203,7 @@ struct Keep {
 __device__ uint32_t bits(float p) { return __float_as_uint(p); }  // monotone for p >= 0
 
 // The last b in [lo, hi] with holds(b), given holds(lo) and holds true up to some b, then
-// false. holds() is block-uniform (it reduces over the row), so the loop is too.
+// false. holds() is cluster-uniform (it reduces over the row), so the loop is too.
 template <class Holds>
 __device__ uint32_t last_where(uint32_t lo, uint32_t hi, Holds holds) {
   while (lo < hi) {
@@ -234,10 +265,12 @@ __device__ Cut top_p_cut(const Row& row, const Cut& top_k, float top_p, float p_
 }
 
 // Inverse CDF in token-id order over the kept tokens' masses, at u in [0, 1) of their total:
-// the first token whose cumulative mass exceeds u * total. The warp segment holding that point
-// is found from the segment totals, then the token by a block scan over that segment.
+// the first token whose cumulative mass exceeds u * total. The CTA holding that point is found
+// from the CTAs' totals, in it the warp segment from the segment totals, then the token by a
+// block scan over that segment. Returns the token in that CTA, -1 in the others.
 __device__ int draw_token(const Row& row, const Keep& keep, double u) {
   __shared__ Mass segment_mass[kWarps];
+  __shared__ Mass cta_mass;
   __shared__ int token_shared;
   using Scan = cub::BlockScan<Mass, kThreads, cub::BLOCK_SCAN_WARP_SCANS>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -251,19 +284,34 @@ __device__ int draw_token(const Row& row, const Keep& keep, double u) {
     return truncates && !keep(w / row.sum_t, i) ? 0 : __float2ull_rn(w * scale);
   };
   Mass s = 0;
-  for_each_logit(row.logits, warp_segment(row.vocab, warp_id()), [&](int i, float l) { s += kept_mass(i, l); });
+  for_each_logit(row.logits, warp_segment(row.vocab, row_warp()), [&](int i, float l) { s += kept_mass(i, l); });
   s = warp_sum(s);
   if (lane_id() == 0) segment_mass[warp_id()] = s;
   __syncthreads();
+  if (threadIdx.x == 0) {
+    Mass mass = 0;
+    for (int w = 0; w < kWarps; ++w) mass += segment_mass[w];
+    cta_mass = mass;
+  }
+  const cg::cluster_group cluster = cg::this_cluster();
+  cluster.sync();
+  const int ctas = int(cluster.num_blocks()), rank = int(cluster.block_rank());
+  Mass cta_masses[kMaxRowCtas];  // all remote loads issued before the first use
+#pragma unroll
+  for (int c = 0; c < kMaxRowCtas; ++c) cta_masses[c] = c < ctas ? *cluster.map_shared_rank(&cta_mass, c) : 0;
+  cluster.sync();  // no CTA leaves (or reuses cta_mass) while another reads it
 
   Mass total = 0;
-  for (int w = 0; w < kWarps; ++w) total += segment_mass[w];
+#pragma unroll
+  for (int c = 0; c < kMaxRowCtas; ++c) total += cta_masses[c];
   // total > 0: the most probable token is always kept. Clamping to total - 1 makes the last
   // kept token the answer when u * total rounds up to the total (the CPU's fallback too).
   const Mass target = min(__double2ull_rd(u * double(total)), total - 1);
-  int owner = 0;
-  Mass start = 0;
-  while (target >= start + segment_mass[owner]) start += segment_mass[owner++];
+  Mass start = 0;  // the mass of the rows' segments before this CTA's
+  for (int c = 0; c < rank; ++c) start += cta_masses[c];
+  if (target < start || target >= start + cta_masses[rank]) return -1;  // CTA-uniform
+  int owner = rank * kWarps;
+  while (target >= start + segment_mass[owner % kWarps]) start += segment_mass[owner++ % kWarps];
 
   // The owner segment split into contiguous chunks, one per thread.
   const Segment owned = warp_segment(row.vocab, owner);
@@ -292,7 +340,8 @@ __device__ float logprob_of(const float* logits, int token, const SoftmaxStats& 
   return (logits[token] - stats.max) - logf(stats.sum);
 }
 
-// tokens, logprobs [batch]; logits [batch, vocab] fp32. One CTA per row.
+// tokens, logprobs [batch]; logits [batch, vocab] fp32. Grid (batch, CTAs per row), a cluster
+// per row.
 __global__ void __launch_bounds__(kThreads)
     sample_kernel(int32_t* tokens, float* logprobs, const float* logits, const SamplingParams* params,
                   const uint64_t* rng_keys, const uint64_t* rng_draws, int vocab) {
@@ -301,6 +350,7 @@ __global__ void __launch_bounds__(kThreads)
   const SamplingParams sp = params[b];
   const SoftmaxStats stats = softmax_stats(row_logits, vocab, sp.temperature);
   int token = stats.argmax == INT_MAX ? 0 : stats.argmax;  // greedy: lowest id on ties
+  bool writes = cg::this_cluster().block_rank() == 0;
   if (sp.temperature != 0.0f) {
     const Row row{row_logits, vocab, stats.max, sp.temperature, stats.sum_t};
     // The argmax's exp(0) / Σ: no probability is larger, and truncation always keeps it.
@@ -310,20 +360,45 @@ __global__ void __launch_bounds__(kThreads)
     if (sp.top_p < 1.0f) keep.top_p = top_p_cut(row, keep.top_k, sp.top_p, p_max);
     keep.min_p = sp.min_p * p_max;
     token = draw_token(row, keep, SamplingRng::uniform(rng_keys[b], rng_draws[b]));
+    writes = token >= 0;  // the CTA that drew it
   }
-  if (threadIdx.x == 0) {
+  if (writes && threadIdx.x == 0) {
     tokens[b] = token;
     logprobs[b] = logprob_of(row_logits, token, stats);
   }
 }
 
-// out [rows] = log softmax(logits [rows, vocab])[targets]. One CTA per row.
+// out [rows] = log softmax(logits [rows, vocab])[targets]. Grid (rows, CTAs per row), a
+// cluster per row.
 __global__ void __launch_bounds__(kThreads)
     token_logprobs_kernel(float* out, const float* logits, const int32_t* targets, int vocab) {
   const int r = blockIdx.x;
   const float* row_logits = logits + int64_t(r) * vocab;
   const SoftmaxStats stats = softmax_stats(row_logits, vocab, 1.0f);
-  if (threadIdx.x == 0) out[r] = logprob_of(row_logits, targets[r], stats);
+  if (cg::this_cluster().block_rank() == 0 && threadIdx.x == 0) out[r] = logprob_of(row_logits, targets[r], stats);
+}
+
+// Launches kernel with grid (rows, c), a cluster of c CTAs per row: the most (a power of two
+// up to kMaxRowCtas) that keep the grid within one CTA per SM.
+template <class... Params, class... Args>
+void launch_rows(void (*kernel)(Params...), int rows, cudaStream_t stream, Args... args) {
+  int device = 0, sms = 0;
+  OSSRL_CUDA_CHECK(cudaGetDevice(&device));
+  OSSRL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  unsigned ctas = 1;
+  while (ctas < kMaxRowCtas && int64_t(rows) * ctas * 2 <= sms) ctas *= 2;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(rows), ctas);
+  config.blockDim = dim3(kThreads);
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = ctas;
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  OSSRL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, Params(args)...));
 }
 
 }  // namespace
@@ -332,15 +407,13 @@ void sample_tokens(int32_t* tokens, float* logprobs, const float* logits, const 
                    const uint64_t* rng_keys, const uint64_t* rng_draws, int batch, int vocab,
                    cudaStream_t stream) {
   if (batch == 0) return;
-  sample_kernel<<<batch, kThreads, 0, stream>>>(tokens, logprobs, logits, params, rng_keys, rng_draws, vocab);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  launch_rows(sample_kernel, batch, stream, tokens, logprobs, logits, params, rng_keys, rng_draws, vocab);
 }
 
 void token_logprobs(float* out, const float* logits, const int32_t* targets, int rows, int vocab,
                     cudaStream_t stream) {
   if (rows == 0) return;
-  token_logprobs_kernel<<<rows, kThreads, 0, stream>>>(out, logits, targets, vocab);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  launch_rows(token_logprobs_kernel, rows, stream, out, logits, targets, vocab);
 }
 
 }  // namespace ossrl::cuda

@@ -29,34 +29,21 @@
 #include "train/cuda_lora.h"
 #include "train/cuda_policy.h"
 #include "train/peft_adapter.h"
+#include "grad_fixture.h"
 
 namespace ossrl {
 namespace {
 
 namespace fs = std::filesystem;
 
-std::vector<float> values(const TensorView& t) {
-  std::vector<float> v(size_t(t.numel()));
-  std::memcpy(v.data(), t.data, t.nbytes);
-  return v;
-}
-
-LossSpec loss_spec(const nlohmann::json& settings) {
-  LossSpec spec;
-  if (settings.at("loss") == "sft") return spec;
-  spec.kind = LossKind::Grpo;
-  spec.grpo.loss_type = parse_loss_type(settings.at("loss_type").get<std::string>());
-  spec.grpo.epsilon = settings.at("epsilon").get<double>();
-  spec.grpo.epsilon_high = settings.at("epsilon_high").get<double>();
-  spec.grpo.beta = settings.at("beta").get<double>();
-  return spec;
-}
+using test::loss_spec;
+using test::values;
 
 class CudaGradFixture : public testing::TestWithParam<std::string> {};
 
 TEST_P(CudaGradFixture, LossLogProbsAndGradientsMatchPyTorch) {
   OSSRL_REQUIRE_GPU();
-  const fs::path dir = fs::path(OSSRL_FIXTURE_DIR) / ("grad-" + GetParam());
+  const fs::path dir = test::grad_fixture(GetParam());
   const std::string model_dir = (fs::path(OSSRL_FIXTURE_DIR) / GetParam()).string();
   const nlohmann::json info = read_json_file((dir / "grads.json").string());
   const CpuModel cpu(model_dir);

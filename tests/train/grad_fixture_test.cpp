@@ -35,25 +35,22 @@
 #include "train/optimizer.h"
 #include "train/peft_adapter.h"
 #include "train/policy.h"
+#include "grad_fixture.h"
 
 namespace ossrl {
 namespace {
 
 namespace fs = std::filesystem;
+using test::loss_spec;
+using test::values;
+
+fs::path fixture(const std::string& name) { return test::grad_fixture(name); }
 
 constexpr double kLogProbTol = 1e-4;
 constexpr double kGradRelTol = 1e-4;
 constexpr double kStepRelTol = 1e-4;
 constexpr double kUpdateRelTol = 2e-3;
 
-fs::path fixture(const std::string& name) { return fs::path(OSSRL_FIXTURE_DIR) / ("grad-" + name); }
-
-std::vector<float> values(const TensorView& t) {
-  EXPECT_EQ(t.dtype, DType::F32) << t.name;
-  std::vector<float> v(size_t(t.numel()));
-  std::memcpy(v.data(), t.data, t.nbytes);
-  return v;
-}
 
 // ||a - b|| / ||b||, in double.
 double rel_error(std::span<const float> a, std::span<const float> b) {
@@ -69,17 +66,6 @@ double max_abs_diff(std::span<const float> a, std::span<const float> b) {
   double worst = 0;
   for (size_t i = 0; i < b.size(); ++i) worst = std::max(worst, std::abs(double(a[i]) - b[i]));
   return worst;
-}
-
-LossSpec loss_spec(const nlohmann::json& settings) {
-  LossSpec spec;
-  if (settings.at("loss") == "sft") return spec;
-  spec.kind = LossKind::Grpo;
-  spec.grpo.loss_type = parse_loss_type(settings.at("loss_type").get<std::string>());
-  spec.grpo.epsilon = settings.at("epsilon").get<double>();
-  spec.grpo.epsilon_high = settings.at("epsilon_high").get<double>();
-  spec.grpo.beta = settings.at("beta").get<double>();
-  return spec;
 }
 
 // The model, the PEFT-written adapter and the batch of one fixture folder.

@@ -20,6 +20,7 @@
 
 #include "cuda/attention.h"
 #include "cuda/check.h"
+#include "cuda/mma.cuh"
 
 namespace ossrl::cuda {
 namespace {
@@ -58,39 +59,6 @@ union __align__(16) SharedMemory {
 };
 constexpr size_t kSharedBytes = sizeof(SharedMemory);  // 72 KB: dynamic shared memory
 
-__device__ uint32_t shared_address(const void* p) { return uint32_t(__cvta_generic_to_shared(p)); }
-
-// 16 bytes global -> shared, or 16 zero bytes when !valid (nothing is read then).
-__device__ void copy_async16(uint32_t dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
-}
-__device__ void copy_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ void copy_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
-}
-
-__device__ void load_matrix_x4(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-__device__ void load_matrix_x4_trans(uint32_t (&r)[4], uint32_t address) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address));
-}
-
-// c (16x8 fp32) += a (16x16 bf16, row) * b (16x8 bf16, col).
-__device__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ uint32_t bits(__nv_bfloat162 x) { return *reinterpret_cast<const uint32_t*>(&x); }
 
 // One warp's softmax state, in mma fragment layout: this thread holds rows lane/4 (index 0)
 // and lane/4 + 8 (index 1) of the warp's tile, and of each 8-wide dim block n the columns
@@ -113,19 +81,7 @@ __device__ void attend_keys(RowState& st, const uint32_t (&q_hi)[4][4], const ui
   if (u_first > newest || u_first + kTiles * 8 - 1 < oldest) return;
   // S = Q K^T: ldmatrix of K rows (keys) gives the col-major B fragment directly.
   float s[kTiles][4];
-#pragma unroll
-  for (int j = 0; j < kTiles; ++j) {
-    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-    uint32_t b[2][4];
-    const uint16_t* row = &k[first + j * 8 + lane % 8][(lane / 8) * 8];
-    load_matrix_x4(b[0], shared_address(row));       // dims 0..31: k-steps 0 and 1
-    load_matrix_x4(b[1], shared_address(row + 32));  // dims 32..63: k-steps 2 and 3
-#pragma unroll
-    for (int ks = 0; ks < 4; ++ks) {
-      mma_bf16(s[j], q_hi[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
-      mma_bf16(s[j], q_lo[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
-    }
-  }
+  qk_scores_split(s, q_hi, q_lo, [&](int r) { return &k[first + r][0]; }, lane);
 
   // Causality and the window, then the online softmax update per row.
   float tile_max[2] = {-INFINITY, -INFINITY};

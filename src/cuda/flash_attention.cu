@@ -159,19 +159,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // S = Q K^T over 8 blocks of 8 keys; ldmatrix of K rows is the col-major B fragment.
     float s[kTile / 8][4];
-#pragma unroll
-    for (int j = 0; j < kTile / 8; ++j) {
-      s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      uint32_t b[2][4];
-      const uint16_t* row = &k_tile[j * 8 + lane % 8][(lane / 8) * 8];
-      load_matrix_x4(b[0], shared_address(row));       // dims 0..31: k-steps 0 and 1
-      load_matrix_x4(b[1], shared_address(row + 32));  // dims 32..63: k-steps 2 and 3
-#pragma unroll
-      for (int ks = 0; ks < 4; ++ks) {
-        mma_bf16(s[j], q_hi[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
-        mma_bf16(s[j], q_lo[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
-      }
-    }
+    qk_scores_split(s, q_hi, q_lo, [&](int r) { return &k_tile[r][0]; }, lane);
     if (tile_needs_mask(q_first, k_first, window)) {
 #pragma unroll
       for (int j = 0; j < kTile / 8; ++j) {

@@ -60,4 +60,26 @@ __device__ __forceinline__ uint32_t bits(__nv_bfloat162 x) { return *reinterpret
 // Two fp32 values as one register of bf16 pairs (round to nearest even).
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) { return bits(__floats2bfloat162_rn(lo, hi)); }
 
+// S (16 queries x 8*kBlocks keys, fp32 mma accumulators, zeroed first) = Q · Kᵀ for one warp,
+// head_dim 64, with the queries split into bf16 hi + lo parts (two mmas per k-step, ~16
+// significant bits of q). key_row(r) is the shared-memory address of key r's 64 bf16 dims;
+// ldmatrix of K rows gives the col-major B fragment.
+template <int kBlocks, class KeyRow>
+__device__ __forceinline__ void qk_scores_split(float (&s)[kBlocks][4], const uint32_t (&q_hi)[4][4],
+                                                const uint32_t (&q_lo)[4][4], KeyRow key_row, int lane) {
+#pragma unroll
+  for (int j = 0; j < kBlocks; ++j) {
+    s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+    uint32_t b[2][4];
+    const uint16_t* row = key_row(j * 8 + lane % 8) + (lane / 8) * 8;
+    load_matrix_x4(b[0], shared_address(row));       // dims 0..31: k-steps 0 and 1
+    load_matrix_x4(b[1], shared_address(row + 32));  // dims 32..63: k-steps 2 and 3
+#pragma unroll
+    for (int ks = 0; ks < 4; ++ks) {
+      mma_bf16(s[j], q_hi[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
+      mma_bf16(s[j], q_lo[ks], b[ks / 2][(ks % 2) * 2], b[ks / 2][(ks % 2) * 2 + 1]);
+    }
+  }
+}
+
 }  // namespace ossrl::cuda

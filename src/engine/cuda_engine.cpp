@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "core/error.h"
+#include "cuda/device.h"
 #include "cuda/buffer.h"
 #include "cuda/check.h"
 #include "cuda/sampling.h"
@@ -64,18 +65,6 @@ class Stream {
 size_t kv_page_bytes(const GptOssConfig& c, int page_size) {
   return size_t(2) * size_t(c.num_hidden_layers) * size_t(page_size) * size_t(c.num_key_value_heads) *
          size_t(c.head_dim) * sizeof(uint16_t);
-}
-
-size_t gpu_bytes_free() {
-  size_t free_bytes = 0, total_bytes = 0;
-  OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return free_bytes;
-}
-
-size_t gpu_bytes_used() {
-  size_t free_bytes = 0, total_bytes = 0;
-  OSSRL_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &total_bytes));
-  return total_bytes - free_bytes;
 }
 
 template <class T>
@@ -240,7 +229,7 @@ int CudaEngine::Impl::choose_kv_pages() {
     model.allocate(capacity, 1, options.page_size);
     const size_t workspace = model.memory_plan().workspace;
     model.allocate(StepCapacity{1, 1, 1, 1}, 1, options.page_size);
-    budget = 0.9 * double(gpu_bytes_free()) - double(workspace);
+    budget = 0.9 * double(cuda::memory_free()) - double(workspace);
   }
   const double pages = std::floor(budget / double(page_bytes));
   OSSRL_CHECK(pages >= 1.0,
@@ -377,7 +366,7 @@ void CudaEngine::Impl::run_step(StepKind kind) {
   }
   OSSRL_CUDA_CHECK(cudaStreamSynchronize(stream));
   ++stats.steps;
-  stats.peak_gpu_bytes = std::max(stats.peak_gpu_bytes, gpu_bytes_used());
+  stats.peak_gpu_bytes = std::max(stats.peak_gpu_bytes, cuda::memory_in_use());
 }
 
 std::vector<Generation> CudaEngine::Impl::generate(const std::vector<std::vector<int32_t>>& prompts,

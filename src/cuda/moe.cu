@@ -39,9 +39,16 @@
 // warps that load their mma fragments straight from global memory in 16-byte pieces (as
 // cuda/gemv.cu does: one look at each activation and A value, no staging), summed over the
 // warps in a fixed order. Its cost is one round trip to memory at decode and a read of the
-// activations at prefill, and the matmul hides it: it is launched as the u kernel's
-// programmatic dependent (PDL), streams its weights while u is computed, and waits for u
-// (griddepcontrol.wait) only where the extension reads it.
+// activations at prefill, and the matmul hides it: it streams its weights while u is computed
+// and waits for u only where the extension reads it (see below).
+//
+// Programmatic dependent launch (cuda/launch.cuh). Every kernel here is launched as the
+// dependent of the kernel before it, and what a matmul reads before its wait follows from what
+// runs before it: gate_up without an adapter follows the routing kernel, so it waits first;
+// down follows gate_up, which releases after its wait, so the routing (two launches back) is
+// complete and down locates its tile and starts its weight pipeline while gate_up finishes,
+// waiting only before h; with an adapter the u kernel runs in between, so the activations are
+// two launches back as well and the matmul's only wait is the extension's, for u.
 #include "cuda/moe.h"
 
 #include <algorithm>
@@ -49,6 +56,7 @@
 #include <type_traits>
 
 #include "cuda/check.h"
+#include "cuda/launch.cuh"
 
 namespace ossrl::cuda {
 namespace {
@@ -311,6 +319,16 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   __shared__ int32_t s_act_row[T::kRowsX];     // activation row read by each slot of the tile
   __shared__ int32_t s_assignment[T::kRowsX];  // its assignment (t * k + s)
 
+  // What is complete before this grid's wait (see the top of the file): the routing arrays
+  // except for gate_up without an adapter, the activations only with an adapter.
+  constexpr bool kRoutingEarly = kLora || !kGateUp;
+  constexpr bool kActivationsEarly = kLora;
+  const auto wait_and_release = [] {
+    wait_for_producers();
+    release_dependents();
+  };
+  if constexpr (!kRoutingEarly) wait_and_release();
+
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   if (warp == 0) {
     const SlotTile tile = locate_tile<T::kRowsX>(args.expert_offsets, args.w.experts, blockIdx.y, lane);
@@ -318,7 +336,10 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   }
   __syncthreads();
   const SlotTile tile = s_tile;
-  if (tile.rows == 0) return;  // the grid is a bound on the tile count
+  if (tile.rows == 0) {  // the grid is a bound on the tile count
+    if constexpr (kRoutingEarly) wait_for_producers();  // every CTA waits before it leaves
+    return;
+  }
 
   const ExpertWeights& w = args.w;
   const int out = w.out, in = w.in, nblocks = in / kBlockValues;
@@ -385,6 +406,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
     s_act_row[r] = r < tile.rows ? (kGateUp ? a / args.k : tile.begin + r) : 0;
   }
   __syncthreads();
+  if constexpr (kRoutingEarly && !kActivationsEarly) wait_and_release();  // h, from gate_up just before
   // Group s holds stage s's activations (and, for s = 0, every prologue weight tile and the
   // scales), so waiting for group s means stage s is complete.
 #pragma unroll
@@ -416,7 +438,7 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   // instead of adding a round trip to the end of every CTA.
   constexpr bool kLoraFirst = T::kRowsX > 16;
   [[maybe_unused]] auto lora_extension = [&] {
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    wait_and_release();
     const int r = lora.r;
     const __nv_bfloat16* b_expert = lora.b + size_t(tile.expert) * out * r;
     for (int k0 = 0; k0 < r; k0 += 16) {
@@ -625,9 +647,10 @@ struct LoraUArgs {
 // (deterministic), scaled and rounded to bf16 once.
 template <class U, bool kGather>
 __global__ void __launch_bounds__(U::kThreads) expert_lora_u_kernel(const LoraUArgs args) {
-  // The matmul that reads u may start now: it streams its weights meanwhile and waits for this
-  // grid (griddepcontrol.wait) before its extension.
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+  // Released after the wait, the matmul that reads u starts with its routing and activations
+  // complete: it streams its weights meanwhile and waits for this grid before its extension.
+  wait_for_producers();
+  release_dependents();
   __shared__ SlotTile s_tile;
   __shared__ float s_partial[U::kWarps][U::kSlotTiles][4][32];  // each warp's accumulators, lane-minor
 
@@ -705,9 +728,13 @@ __global__ void __launch_bounds__(U::kThreads) expert_lora_u_kernel(const LoraUA
 }
 
 // residual [n, hidden] += Σ_s weight[t, s] · y[t*k + s], s ascending; kVec columns a thread.
+// Released before its wait: the next kernel (a layer's first, or the final norm) reads only
+// weights before its own, so it starts fetching them while the expert matmuls still run.
 template <int kVec>
 __global__ void moe_combine_kernel(float* residual, const float* y, const float* expert_weight, int n, int k,
                                    int hidden) {
+  release_dependents();
+  wait_for_producers();
   using Vec = std::conditional_t<kVec == 4, float4, float>;
   const int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;  // vector index
   const int per_row = hidden / kVec;
@@ -744,9 +771,8 @@ void check_weights(const ExpertWeights& w) {
 template <class U, bool kGather>
 void launch_lora_u(const LoraUArgs& args, int slots, cudaStream_t stream) {
   const int64_t tiles = (int64_t(slots) + U::kSlots - 1) / U::kSlots + std::min(args.experts, slots);
-  const dim3 grid(unsigned(tiles), unsigned((args.r + 15) / 16));
-  expert_lora_u_kernel<U, kGather><<<grid, U::kThreads, 0, stream>>>(args);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  const LaunchShape shape{.grid = dim3(unsigned(tiles), unsigned((args.r + 15) / 16)), .block = U::kThreads};
+  launch_dependent(expert_lora_u_kernel<U, kGather>, shape, stream, args);
 }
 
 // For an active adapter: checks it against the experts, writes u (expert_lora_u_kernel) and
@@ -784,18 +810,10 @@ void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaS
   // Every expert with rows adds at most one partial tile.
   const int64_t tiles = (int64_t(assignments) + T::kRowsX - 1) / T::kRowsX + std::min(args.w.experts, assignments);
   if (tiles > 65535) fail_shape("moe: too many assignments for one launch (grid.y > 65535)");
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles));
-  config.blockDim = dim3(unsigned(T::kThreads));
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  // With an adapter: the u kernel's programmatic dependent (see the top of the file).
-  cudaLaunchAttribute overlap{};
-  overlap.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  overlap.val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = &overlap;
-  config.numAttrs = kLora ? 1 : 0;
-  OSSRL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, args, lora));
+  const LaunchShape shape{.grid = dim3(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles)),
+                          .block = T::kThreads,
+                          .shared_bytes = smem};
+  launch_dependent(kernel, shape, stream, args, lora);
 }
 
 // Tile shapes by the mean number of rows per expert, the fastest measured on an H100
@@ -872,12 +890,9 @@ void moe_combine(float* residual, const float* y, const float* expert_weight, in
                    (reinterpret_cast<uintptr_t>(residual) & 15) == 0;
   const int64_t threads = int64_t(n) * (vec ? hidden / 4 : hidden);
   const unsigned blocks = unsigned((threads + kThreads - 1) / kThreads);
-  if (vec) {
-    moe_combine_kernel<4><<<blocks, kThreads, 0, stream>>>(residual, y, expert_weight, n, k, hidden);
-  } else {
-    moe_combine_kernel<1><<<blocks, kThreads, 0, stream>>>(residual, y, expert_weight, n, k, hidden);
-  }
-  OSSRL_CUDA_CHECK_LAUNCH();
+  const LaunchShape shape{.grid = blocks, .block = kThreads};
+  launch_dependent(vec ? moe_combine_kernel<4> : moe_combine_kernel<1>, shape, stream, residual, y, expert_weight,
+                   n, k, hidden);
 }
 
 }  // namespace ossrl::cuda

@@ -8,9 +8,13 @@
 // output gains scale · (act · A_eᵀ) · B_eᵀ before its epilogue (so before the SwiGLU of
 // gate_up). The kernels first write u [n_tokens*k, r] bf16 = scale · act · A_eᵀ per slot, then
 // extend each matmul's reduction by r with B_e as the weight and u as the activation; the
-// matmul overlaps the u kernel (programmatic dependent launch), which callers see as plain
-// stream order. At the 20b shape a rank-16 adapter adds 1.4 µs to a decode token's gate_up
-// and down, 2-4% at prefill (tests/cuda/moe_bench).
+// matmul overlaps the u kernel. At the 20b shape a rank-16 adapter adds 1.4 µs to a decode
+// token's gate_up and down, 2-4% at prefill (tests/cuda/moe_bench).
+//
+// The kernels are programmatic dependents of the work before them (cuda/launch.cuh), which
+// callers see as plain stream order, with one precondition: moe_down reads the routing arrays
+// before its wait, so they must come from a copy or from a kernel at least two launches back
+// on the stream (moe_gate_up_swiglu in between, as in a MoE layer, makes it so).
 #pragma once
 
 #include <cstdint>
@@ -52,7 +56,7 @@ void moe_gate_up_swiglu(__nv_bfloat16* h, const __nv_bfloat16* x, const int32_t*
 // Second expert matmul: y[a] = h[j] · D_eᵀ + d_e for every slot j of expert e, a =
 // sorted_assignments[j]. h [n_tokens*k, in] bf16 in sorted order; y [n_tokens*k, out] fp32 in
 // assignment order (row t*k + s). lora, lora_u: as for moe_gate_up_swiglu, y[a] += the
-// update of h[j].
+// update of h[j]. The routing arrays: see the precondition above.
 void moe_down(float* y, const __nv_bfloat16* h, const int32_t* sorted_assignments, const int32_t* expert_offsets,
               int n_tokens, int k, const ExpertWeights& down, cudaStream_t stream, const DeviceAdapter* lora = nullptr,
               __nv_bfloat16* lora_u = nullptr);

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/check.h"
+#include "cuda/launch.cuh"
 #include "cuda/rmsnorm_row.cuh"
 
 namespace ossrl::cuda {
@@ -12,12 +13,15 @@ namespace {
 // out [n, hidden] bf16, row i = weight * (x[r] * rstd) with r = rows ? rows[i] : i and
 // rstd = 1 / sqrt(mean(x[r]^2) + eps); x [*, hidden] fp32, weight [hidden] fp32. One CTA of
 // kThreads per row, kVec elements per access. The row is read twice (sum of squares, then
-// scale); the second read hits L1.
+// scale); the second read hits L1. A programmatic dependent (cuda/launch.cuh), released
+// after its wait.
 template <int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* out, const float* x, const float* weight,
                                                            const int32_t* rows, int hidden, float eps) {
   using Row = RmsnormRow<kThreads, kVec>;
   __shared__ typename Row::Storage storage;
+  wait_for_producers();
+  release_dependents();
   const int64_t i = blockIdx.x;
   const int64_t r = rows ? rows[i] : i;
   const float* xr = x + r * hidden;
@@ -68,7 +72,8 @@ template <int kVec>
 void launch(__nv_bfloat16* out, const float* x, const float* weight, const int32_t* rows, int n, int hidden,
             float eps, cudaStream_t stream) {
   with_rmsnorm_threads(hidden / kVec, [&]<int kThreads>() {
-    rmsnorm_kernel<kThreads, kVec><<<n, kThreads, 0, stream>>>(out, x, weight, rows, hidden, eps);
+    launch_dependent(rmsnorm_kernel<kThreads, kVec>, {.grid = dim3(n), .block = kThreads}, stream, out, x, weight,
+                     rows, hidden, eps);
   });
 }
 

@@ -4,6 +4,7 @@
 #include <cstdint>
 
 #include "cuda/check.h"
+#include "cuda/launch.cuh"
 
 namespace ossrl::cuda {
 namespace {
@@ -28,7 +29,8 @@ __device__ void rope_cos_sin(float* cos_sin, int32_t position, const float* inv_
 
 // One CTA per token. qkv [n, (heads + 2*kv_heads) * head_dim] fp32 in; q_out [n, heads,
 // head_dim] fp32 and cache rows [slot, kv_heads, head_dim] bf16 out. A thread handles one pair
-// (j, j + half) of one head: q and k heads are rotated, v heads copied.
+// (j, j + half) of one head: q and k heads are rotated, v heads copied. A programmatic
+// dependent (cuda/launch.cuh), released after its wait.
 __global__ void __launch_bounds__(kThreads)
     rope_qkv_kernel(float* q_out, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* qkv,
                     const int32_t* positions, const int32_t* kv_slots, const float* inv_freq,
@@ -36,6 +38,8 @@ __global__ void __launch_bounds__(kThreads)
   extern __shared__ float cos_sin[];  // [2, half]: every head of the token shares them
   const int half = head_dim / 2;
   const int64_t t = blockIdx.x;
+  wait_for_producers();
+  release_dependents();
   rope_cos_sin(cos_sin, positions[t], inv_freq, attention_scaling, half);
 
   const int64_t slot = kv_slots[t];
@@ -105,10 +109,9 @@ void rope_qkv_forward(float* q_out, __nv_bfloat16* k_cache, __nv_bfloat16* v_cac
                       float attention_scaling, int n, int heads, int kv_heads, int head_dim,
                       cudaStream_t stream) {
   if (n == 0) return;
-  rope_qkv_kernel<<<n, kThreads, head_dim * sizeof(float), stream>>>(q_out, k_cache, v_cache, qkv, positions,
-                                                                     kv_slots, inv_freq, attention_scaling, heads,
-                                                                     kv_heads, head_dim);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  launch_dependent(rope_qkv_kernel, {.grid = dim3(n), .block = kThreads, .shared_bytes = head_dim * sizeof(float)},
+                   stream, q_out, k_cache, v_cache, qkv, positions, kv_slots, inv_freq, attention_scaling, heads,
+                   kv_heads, head_dim);
 }
 
 void rope_qkv_backward(float* dqkv, const float* dq, const float* dk, const float* dv, const int32_t* positions,

@@ -1,6 +1,7 @@
 // MoE routing: per-token top-k of the router logits with a softmax over the chosen, the
 // deterministic grouping of (token, slot) assignments by expert, and for small steps all of
-// it with the norm and router matmul before it in one launch.
+// it with the norm and router matmul before it in one launch. Each kernel is launched as a
+// programmatic dependent (cuda/launch.cuh) and releases after its wait.
 #include "cuda/router.h"
 
 #include <climits>
@@ -11,6 +12,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/check.h"
+#include "cuda/launch.cuh"
 #include "cuda/rmsnorm_row.cuh"
 
 namespace ossrl::cuda {
@@ -88,6 +90,8 @@ __device__ void warp_topk(int32_t* expert_index, float* expert_weight, const flo
 __global__ void __launch_bounds__(kRouterThreads)
     router_topk_kernel(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias, int n,
                        int experts, int k) {
+  wait_for_producers();
+  release_dependents();
   const int64_t t = int64_t(blockIdx.x) * (kRouterThreads / 32) + threadIdx.x / 32;
   if (t >= n) return;  // the whole warp leaves together
   warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, bias, experts, k);
@@ -112,6 +116,8 @@ __global__ void __launch_bounds__(kGroupThreads)
   } storage;
   __shared__ int start_shared;
   const int e = blockIdx.x;
+  wait_for_producers();
+  release_dependents();
 
   int2 counts = {0, 0};  // assignments to experts below e, to e
   for (int a = threadIdx.x; a < total; a += kGroupThreads) {
@@ -244,6 +250,10 @@ __global__ void __launch_bounds__(kThreads, 2)
     }
   }
 
+  // Only now the residual row, which the kernel before wrote (the router rows above are loaded
+  // while it finishes).
+  wait_for_producers();
+  release_dependents();
   // Each pack of the normed row goes into the dot products as soon as it is made.
   const float* xr = x + t * hidden;
   const float rstd = Row::rstd(xr, hidden, eps, norm_storage);
@@ -289,16 +299,14 @@ void router_topk_forward(int32_t* expert_index, float* expert_weight, const floa
                          int n, int experts, int k, cudaStream_t stream) {
   if (n == 0) return;
   constexpr int tokens_per_cta = kRouterThreads / 32;
-  router_topk_kernel<<<(n + tokens_per_cta - 1) / tokens_per_cta, kRouterThreads, 0, stream>>>(
-      expert_index, expert_weight, logits, bias, n, experts, k);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  launch_dependent(router_topk_kernel, {.grid = dim3((n + tokens_per_cta - 1) / tokens_per_cta), .block = kRouterThreads},
+                   stream, expert_index, expert_weight, logits, bias, n, experts, k);
 }
 
 void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                          int n, int k, int experts, cudaStream_t stream) {
-  moe_group_kernel<<<experts, kGroupThreads, 0, stream>>>(expert_offsets, sorted_assignments, expert_index, n * k,
-                                                           experts);
-  OSSRL_CUDA_CHECK_LAUNCH();
+  launch_dependent(moe_group_kernel, {.grid = dim3(experts), .block = kGroupThreads}, stream, expert_offsets,
+                   sorted_assignments, expert_index, n * k, experts);
 }
 
 bool moe_route_fusable(int n, int hidden, int experts, int k) {
@@ -323,11 +331,10 @@ void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index
   }
   const dim3 grid(n, (experts + kRouteExperts - 1) / kRouteExperts);
   with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
-    moe_route_fused_kernel<kThreads><<<grid, kThreads, 0, stream>>>(
-        normed, logits, expert_index, expert_weight, expert_offsets, sorted_assignments, counters, x, norm_weight,
-        router_weight, router_bias, n, hidden, experts, k, eps);
+    launch_dependent(moe_route_fused_kernel<kThreads>, {.grid = grid, .block = kThreads}, stream, normed, logits,
+                     expert_index, expert_weight, expert_offsets, sorted_assignments, counters, x, norm_weight,
+                     router_weight, router_bias, n, hidden, experts, k, eps);
   });
-  OSSRL_CUDA_CHECK_LAUNCH();
 }
 
 }  // namespace ossrl::cuda

@@ -18,6 +18,7 @@
 #include <cub/block/block_scan.cuh>
 
 #include "cuda/check.h"
+#include "cuda/launch.cuh"
 
 namespace ossrl::cuda {
 namespace {
@@ -347,7 +348,9 @@ __global__ void __launch_bounds__(kThreads)
                   const uint64_t* rng_keys, const uint64_t* rng_draws, int vocab) {
   const int b = blockIdx.x;
   const float* row_logits = logits + int64_t(b) * vocab;
-  const SamplingParams sp = params[b];
+  const SamplingParams sp = params[b];  // a step input: read while the lm_head finishes
+  wait_for_producers();
+  release_dependents();
   const SoftmaxStats stats = softmax_stats(row_logits, vocab, sp.temperature);
   int token = stats.argmax == INT_MAX ? 0 : stats.argmax;  // greedy: lowest id on ties
   bool writes = cg::this_cluster().block_rank() == 0;
@@ -374,12 +377,15 @@ __global__ void __launch_bounds__(kThreads)
     token_logprobs_kernel(float* out, const float* logits, const int32_t* targets, int vocab) {
   const int r = blockIdx.x;
   const float* row_logits = logits + int64_t(r) * vocab;
+  wait_for_producers();
+  release_dependents();
   const SoftmaxStats stats = softmax_stats(row_logits, vocab, 1.0f);
   if (cg::this_cluster().block_rank() == 0 && threadIdx.x == 0) out[r] = logprob_of(row_logits, targets[r], stats);
 }
 
 // Launches kernel with grid (rows, c), a cluster of c CTAs per row: the most (a power of two
-// up to kMaxRowCtas) that keep the grid within one CTA per SM.
+// up to kMaxRowCtas) that keep the grid within one CTA per SM. Both kernels are programmatic
+// dependents (cuda/launch.cuh), released after their wait.
 template <class... Params, class... Args>
 void launch_rows(void (*kernel)(Params...), int rows, cudaStream_t stream, Args... args) {
   int device = 0, sms = 0;
@@ -387,18 +393,8 @@ void launch_rows(void (*kernel)(Params...), int rows, cudaStream_t stream, Args.
   OSSRL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
   unsigned ctas = 1;
   while (ctas < kMaxRowCtas && int64_t(rows) * ctas * 2 <= sms) ctas *= 2;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(unsigned(rows), ctas);
-  config.blockDim = dim3(kThreads);
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  cluster.id = cudaLaunchAttributeClusterDimension;
-  cluster.val.clusterDim.x = 1;
-  cluster.val.clusterDim.y = ctas;
-  cluster.val.clusterDim.z = 1;
-  config.attrs = &cluster;
-  config.numAttrs = 1;
-  OSSRL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, Params(args)...));
+  launch_dependent(kernel, {.grid = dim3(unsigned(rows), ctas), .block = kThreads, .cluster = dim3(1, ctas, 1)},
+                   stream, args...);
 }
 
 }  // namespace

@@ -21,6 +21,12 @@
 // (0.5 -> 2^127, zero codes 0, larger codes inf) and scale 0 (bf16 subnormals). The integer
 // work is split between the ALU (masks) and the FMA pipe (multiplies): decode is ALU bound.
 //
+// Decode, streamed (expert_stream_kernel). With MXFP4 weights, no adapter and a few slots on
+// a few experts (batch 1: 4 experts, 1 slot each), the tiled grid is too small to keep memory
+// busy: a second kernel loads the mma fragments straight from global memory into registers
+// (as cuda/gemv.cu does), one 16-row tile of an expert and its slots (up to 8) a work item,
+// with K split over the warps of a CTA and the grid sized to the GPU (dispatch says when).
+//
 // Epilogues. gate_up permutes the weight rows of each 16-row MMA tile as it stages them
 // (gate rows 0,2,..,14 to tile rows 0..7, up rows to 8..15), so each thread holds the gate
 // and the up value of the same unit and slot and applies the clamped SwiGLU in registers,
@@ -46,9 +52,10 @@
 // dependent of the kernel before it, and what a matmul reads before its wait follows from what
 // runs before it: gate_up without an adapter follows the routing kernel, so it waits first;
 // down follows gate_up, which releases after its wait, so the routing (two launches back) is
-// complete and down locates its tile and starts its weight pipeline while gate_up finishes,
-// waiting only before h; with an adapter the u kernel runs in between, so the activations are
-// two launches back as well and the matmul's only wait is the extension's, for u.
+// complete and down locates its tile and starts its weight pipeline (streamed: its first
+// weight loads) while gate_up finishes, waiting only before h; with an adapter the u kernel
+// runs in between, so the activations are two launches back as well and the matmul's only
+// wait is the extension's, for u.
 #include "cuda/moe.h"
 
 #include <algorithm>
@@ -141,6 +148,43 @@ __device__ __forceinline__ void decode_fp4_word(uint32_t (&pairs)[4], uint32_t c
   }
 }
 
+// 16 bytes of read-only global memory, or zeros where !valid (then nothing is read). Not
+// volatile: the loads of a batch may be scheduled together, ahead of their mmas. kOnce: bytes
+// read once (streamed weights), kept out of L1, which holds what is read again.
+template <bool kOnce = false>
+__device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid) {
+  uint4 v;
+  if constexpr (kOnce) {
+    asm("{\n"
+        " .reg .pred p;\n"
+        " setp.ne.b32 p, %5, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "r"(int(valid)));
+  } else {
+    asm("{\n"
+        " .reg .pred p;\n"
+        " setp.ne.b32 p, %5, 0;\n"
+        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+        "}\n"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p), "r"(int(valid)));
+  }
+  return v;
+}
+
+// The clamped SwiGLU of one unit, from its gate and up values (bias included), rounded to bf16.
+__device__ __forceinline__ __nv_bfloat16 clamped_swiglu(float gate, float up, float limit) {
+  // The CPU reference's std::min / std::clamp, NaN included.
+  gate = limit < gate ? limit : gate;
+  up = up < -limit ? -limit : (limit < up ? limit : up);
+  const float glu = gate * (1.0f / (1.0f + expf(-gate * kSwiGluAlpha)));
+  return __float2bfloat16_rn((up + 1.0f) * glu);
+}
+
 // body(i) for i = tid, tid + kThreads, ... < kCount, unrolled (compile-time trip count).
 template <int kCount, int kThreads, class Body>
 __device__ __forceinline__ void for_each_chunk(int tid, Body body) {
@@ -224,48 +268,64 @@ struct SlotTile {
   int rows = 0;   // 0: past the last tile, nothing to do
 };
 
-// Tile `index` of the list "experts in order, each cut into ceil(count / kRows) tiles of
-// consecutive slots". Run by one warp: lane l sums the tile counts of a run of experts, a
-// warp scan finds the lane holding `index`, which walks its experts.
+// The list "experts in order, each cut into ceil(count / kRows) tiles of consecutive slots",
+// as one warp sees it: lane l sums the tile counts of a run of experts and a warp scan gives
+// each lane the index of its first tile and every lane the list's length.
 template <int kRows>
-__device__ SlotTile locate_tile(const int32_t* offsets, int experts, int index, int lane) {
-  const int per_lane = (experts + 31) / 32;
-  const int first = lane * per_lane;
-  int tiles = 0;
-  for (int i = 0; i < per_lane; ++i) {
-    const int e = first + i;
-    if (e < experts) tiles += (offsets[e + 1] - offsets[e] + kRows - 1) / kRows;
-  }
-  int inclusive = tiles;
-#pragma unroll
-  for (int d = 1; d < 32; d *= 2) {
-    const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
-    if (lane >= d) inclusive += v;
-  }
-  const int exclusive = inclusive - tiles;
-  const unsigned owner = __ballot_sync(0xffffffffu, exclusive <= index && index < inclusive);
-  SlotTile tile;
-  if (owner == 0) return tile;
-  const int src = __ffs(owner) - 1;
-  if (lane == src) {
-    int rest = index - exclusive;
+struct TileList {
+  int experts, tiles, exclusive, total;
+
+  __device__ TileList(const int32_t* offsets, int experts_, int lane) : experts(experts_) {
+    const int per_lane = (experts + 31) / 32, first = lane * per_lane;
+    tiles = 0;
     for (int i = 0; i < per_lane; ++i) {
       const int e = first + i;
-      const int begin = offsets[e], count = offsets[e + 1] - begin;
-      const int n = (count + kRows - 1) / kRows;
-      if (rest < n) {
-        tile.expert = e;
-        tile.begin = begin + rest * kRows;
-        tile.rows = min(kRows, count - rest * kRows);
-        break;
-      }
-      rest -= n;
+      if (e < experts) tiles += (offsets[e + 1] - offsets[e] + kRows - 1) / kRows;
     }
+    int inclusive = tiles;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int v = __shfl_up_sync(0xffffffffu, inclusive, d);
+      if (lane >= d) inclusive += v;
+    }
+    exclusive = inclusive - tiles;
+    total = __shfl_sync(0xffffffffu, inclusive, 31);
   }
-  tile.expert = __shfl_sync(0xffffffffu, tile.expert, src);
-  tile.begin = __shfl_sync(0xffffffffu, tile.begin, src);
-  tile.rows = __shfl_sync(0xffffffffu, tile.rows, src);
-  return tile;
+
+  // Tile `index` (rows 0 past the end): a ballot finds the lane holding it, which walks its
+  // experts. Called by the whole warp.
+  __device__ SlotTile find(const int32_t* offsets, int index, int lane) const {
+    const unsigned owner = __ballot_sync(0xffffffffu, exclusive <= index && index < exclusive + tiles);
+    SlotTile tile;
+    if (owner == 0) return tile;
+    const int src = __ffs(owner) - 1;
+    if (lane == src) {
+      const int per_lane = (experts + 31) / 32, first = lane * per_lane;
+      int rest = index - exclusive;
+      for (int i = 0; i < per_lane; ++i) {
+        const int e = first + i;
+        const int begin = offsets[e], count = offsets[e + 1] - begin;
+        const int n = (count + kRows - 1) / kRows;
+        if (rest < n) {
+          tile.expert = e;
+          tile.begin = begin + rest * kRows;
+          tile.rows = min(kRows, count - rest * kRows);
+          break;
+        }
+        rest -= n;
+      }
+    }
+    tile.expert = __shfl_sync(0xffffffffu, tile.expert, src);
+    tile.begin = __shfl_sync(0xffffffffu, tile.begin, src);
+    tile.rows = __shfl_sync(0xffffffffu, tile.rows, src);
+    return tile;
+  }
+};
+
+// Tile `index` of the TileList, run by one warp.
+template <int kRows>
+__device__ SlotTile locate_tile(const int32_t* offsets, int experts, int index, int lane) {
+  return TileList<kRows>(offsets, experts, lane).find(offsets, index, lane);
 }
 
 // 2 bytes of global memory, or 0 where !valid (then nothing is read). Predicated, not
@@ -579,14 +639,9 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
           // Rows r0 / r0 + 8 are the gate / up of unit u: weight rows 2u and 2u + 1.
           const int u = (feature_begin + wm * T::kMi * 16 + mi * 16) / 2 + g;
           if (2 * u >= out) continue;
-          const float limit = args.swiglu_limit;
-          float gate = acc[mi][ni][j] + (bias ? bias[2 * u] : 0.0f);
-          float up = acc[mi][ni][2 + j] + (bias ? bias[2 * u + 1] : 0.0f);
-          // The CPU reference's std::min / std::clamp, NaN included.
-          gate = limit < gate ? limit : gate;
-          up = up < -limit ? -limit : (limit < up ? limit : up);
-          const float glu = gate * (1.0f / (1.0f + expf(-gate * kSwiGluAlpha)));
-          args.h[size_t(tile.begin + r) * (out / 2) + u] = __float2bfloat16_rn((up + 1.0f) * glu);
+          const float gate = acc[mi][ni][j] + (bias ? bias[2 * u] : 0.0f);
+          const float up = acc[mi][ni][2 + j] + (bias ? bias[2 * u + 1] : 0.0f);
+          args.h[size_t(tile.begin + r) * (out / 2) + u] = clamped_swiglu(gate, up, args.swiglu_limit);
         } else {
           const size_t y_row = size_t(s_assignment[r]) * out;
 #pragma unroll
@@ -600,22 +655,175 @@ __global__ void __launch_bounds__(T::kThreads, T::kMinCtas) expert_matmul_kernel
   }
 }
 
-// ---- expert LoRA: u = scale · act · A_eᵀ
+// ---- decode: MXFP4 experts with few slots each, weights streamed into registers
 
-// 16 bytes of read-only global memory, or zeros where !valid (then nothing is read). Not
-// volatile: the loads of a batch may be scheduled together, ahead of their mmas.
-__device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid) {
-  uint4 v;
-  asm("{\n"
-      " .reg .pred p;\n"
-      " setp.ne.b32 p, %5, 0;\n"
-      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-      " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      "}\n"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p), "r"(int(valid)));
-  return v;
+// The streaming kernel's shape: CTAs of kWarps warps, each warp taking up to kQuads 4-block
+// runs of K (a quad: 128 values, 64 bytes of each row) per batch of loads; kMinCtas CTAs an SM.
+template <int kWarps_, int kQuads_, int kMinCtas_>
+struct StreamTiling {
+  static constexpr int kWarps = kWarps_, kQuads = kQuads_, kMinCtas = kMinCtas_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kSlots = 8;  // one mma n tile
+  static_assert(kWarps >= 4, "the epilogue takes 128 threads");
+};
+
+__device__ __forceinline__ uint32_t word(const uint4& v, int i) {
+  return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
+
+// One expert matmul, MXFP4 and no adapter, for experts with few slots (decode), either
+// projection; arguments and outputs as expert_matmul_kernel's. The weights are the whole
+// cost, so they go from global memory straight into the registers of the lanes that decode
+// them, with no staging, and the grid holds enough loads in flight to cover the memory latency
+// at full bandwidth and enough warps to hide the decode behind them.
+//
+// Work items: (8-slot tile of an expert, 16 output features), the features fastest so that
+// the CTAs sharing an expert's activations run together; each CTA of a grid sized to the GPU
+// takes items blockIdx.x, + gridDim.x, ... (no CTA launched for the empty tiles of the bound
+// on the tile count). Within an item the warps split K in quads: warp w takes quads w, w +
+// kWarps, ..., loading kQuads of them before their mmas; their partial 16 x 8 tiles are summed
+// in shared memory in warp order (deterministic).
+//
+// Lane (g, t) loads the 16 bytes of block 4q + t of its two A rows (tile rows g and g + 8,
+// permuted by weight_row as in the tiled kernel) and of its B column (slot g), the 4 lanes of
+// a row a 64-byte run. Each 32-bit word of codes (8 values) decodes to the A pairs of two
+// mmas (decode_fp4_word: (k, k + 4)), and the byte permute pairs the activations alike.
+//
+// Where it stands (H100, 20b shape, 1 token): gate_up 23.8 µs, down 11.5 µs, ~50% of 3 TB/s.
+// A CTA waits for its item's loads, then decodes them, then reduces: memory idles while the
+// CTAs of an SM decode. Measured and not better overall: 3 or 4 CTAs of 8 warps (3 or 2 quads),
+// 12 or 16 warps of 2 quads; asking L2 for the next items' weights (cp.async.bulk.prefetch.L2)
+// before decoding one made gate_up slower (1 token 27-29 µs, 8 tokens 113-127 µs against 93).
+template <class S, bool kGateUp>
+__global__ void __launch_bounds__(S::kThreads, S::kMinCtas) expert_stream_kernel(const MatmulArgs args) {
+  __shared__ float s_partial[2][S::kWarps][4][32];  // each warp's accumulators, by item parity
+
+  // gate_up follows the routing kernel: it waits first. down follows gate_up, which releases
+  // after its wait, so the routing is complete: down finds its first item and issues its first
+  // weight loads, then waits before it reads h (see the top of the file). Every thread waits
+  // once, in its first batch or, in a CTA with no item, at the end.
+  bool waited = false;
+  const auto wait_and_release = [&waited] {
+    wait_for_producers();
+    release_dependents();
+    waited = true;
+  };
+  if constexpr (kGateUp) wait_and_release();
+
+  const ExpertWeights& w = args.w;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
+  const int out = w.out, in = w.in, nblocks = in / kBlockValues, quads = (nblocks + 3) / 4;
+  const int feature_tiles = (out + 15) / 16;
+  const TileList<S::kSlots> list(args.expert_offsets, w.experts, lane);
+  const int items = list.total * feature_tiles;  // < 2^31: checked at launch
+  int parity = 0;
+  for (int item = blockIdx.x; item < items; item += gridDim.x, parity ^= 1) {
+    const SlotTile tile = list.find(args.expert_offsets, item / feature_tiles, lane);
+    const int feature_begin = item % feature_tiles * 16;
+
+    // A rows (tile rows g, g + 8): codes and scales from block t; B column: slot g's activations.
+    // (The launch checks that a block's index fits 32 bits: fewer registers.)
+    uint32_t block0[2];
+    bool row_valid[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int row = feature_begin + weight_row<kGateUp>(g + 8 * h);
+      row_valid[h] = row < out;
+      block0[h] = (uint32_t(tile.expert) * out + (row_valid[h] ? row : 0)) * nblocks + t;
+    }
+    // Slot g's activations from block t on (gate_up: x gathered by token, after its wait).
+    const bool slot_valid = g < tile.rows;
+    const __nv_bfloat16* act_row = args.act;
+    if (slot_valid) {
+      const int j = tile.begin + g;
+      act_row += size_t(kGateUp ? args.sorted_assignments[j] / args.k : j) * in + 32 * t;
+    }
+
+    float acc[4] = {};
+    for (int q0 = warp;; q0 += S::kWarps * S::kQuads) {
+      uint4 codes[S::kQuads][2];
+      uint32_t scales[S::kQuads][2];
+#pragma unroll
+      for (int j = 0; j < S::kQuads; ++j) {
+        const int kb = 4 * (q0 + j * S::kWarps);  // block of lane 0 (t adds the lane's)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const bool valid = row_valid[h] && kb + t < nblocks;
+          codes[j][h] = load16_or_zero<true>(w.blocks + size_t(block0[h] + kb) * 16, valid);
+          scales[j][h] = valid ? __ldg(w.scales + block0[h] + kb) : 0u;
+        }
+      }
+      if (!waited) wait_and_release();
+      // Scales above 128 (only in synthetic weights) need the two-factor decode: one vote per
+      // batch picks the loop for the warp.
+      bool above = false;
+#pragma unroll
+      for (int j = 0; j < S::kQuads; ++j) above |= scales[j][0] > 128u || scales[j][1] > 128u;
+      const auto multiply = [&](auto any_scale) {
+        constexpr bool kAnyScale = decltype(any_scale)::value;
+#pragma unroll
+        for (int j = 0; j < S::kQuads; ++j) {
+          const int q = q0 + j * S::kWarps;
+          if (q >= quads) break;  // warp-uniform
+          const bool x_valid = slot_valid && 4 * q + t < nblocks;
+          const uint4* x = reinterpret_cast<const uint4*>(act_row + size_t(q) * 4 * kBlockValues);
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const uint4 xb = x_valid ? __ldg(x + c) : make_uint4(0, 0, 0, 0);
+            uint32_t lo[4], hi[4];
+            decode_fp4_word<kAnyScale>(lo, word(codes[j][0], c), scales[j][0]);
+            decode_fp4_word<kAnyScale>(hi, word(codes[j][1], c), scales[j][1]);
+            const uint32_t a0[4] = {lo[0], hi[0], lo[1], hi[1]}, a1[4] = {lo[2], hi[2], lo[3], hi[3]};
+            mma_bf16(acc, a0, __byte_perm(xb.x, xb.z, 0x5410), __byte_perm(xb.x, xb.z, 0x7632));
+            mma_bf16(acc, a1, __byte_perm(xb.y, xb.w, 0x5410), __byte_perm(xb.y, xb.w, 0x7632));
+          }
+        }
+      };
+      if (__any_sync(0xffffffffu, above)) {
+        multiply(std::true_type{});
+      } else {
+        multiply(std::false_type{});
+      }
+      if (q0 + S::kWarps * S::kQuads >= quads) break;
+    }
+
+#pragma unroll
+    for (int i = 0; i < 4; ++i) s_partial[parity][warp][i][lane] = acc[i];
+    // Double-buffered by parity: a buffer is rewritten two items later, after every thread has
+    // passed the next item's barrier, so its readers below are done.
+    __syncthreads();
+    // Entry i of lane l: tile row l / 4 + 8 (i / 2), slot 2 (l % 4) + i % 2.
+    const auto entry = [&](int i, int l) {
+      float sum = 0.0f;
+#pragma unroll
+      for (int v = 0; v < S::kWarps; ++v) sum += s_partial[parity][v][i][l];
+      return sum;
+    };
+    const float* bias = w.bias ? w.bias + size_t(tile.expert) * out : nullptr;
+    if constexpr (kGateUp) {
+      // Thread (slot, unit): the unit's gate (tile row unit) and up (unit + 8) -> h, a slot's
+      // 8 units in 8 consecutive threads.
+      const int slot = tid / 8, unit = tid % 8;
+      const int u = feature_begin / 2 + unit;
+      if (tid < 64 && slot < tile.rows && 2 * u < out) {
+        const int l = 4 * unit + slot / 2;
+        const float gate = entry(slot % 2, l) + (bias ? bias[2 * u] : 0.0f);
+        const float up = entry(2 + slot % 2, l) + (bias ? bias[2 * u + 1] : 0.0f);
+        args.h[size_t(tile.begin + slot) * (out / 2) + u] = clamped_swiglu(gate, up, args.swiglu_limit);
+      }
+    } else {
+      // Thread (slot, feature) -> y, a slot's 16 features in 16 consecutive threads.
+      const int slot = tid / 16, r = tid % 16, f = feature_begin + r;
+      if (tid < 128 && slot < tile.rows && f < out) {
+        const float sum = entry(2 * (r / 8) + slot % 2, 4 * (r % 8) + slot / 2);
+        args.y[size_t(args.sorted_assignments[tile.begin + slot]) * out + f] = sum + (bias ? bias[f] : 0.0f);
+      }
+    }
+  }
+  if (!waited) wait_and_release();
+}
+
+// ---- expert LoRA: u = scale · act · A_eᵀ
 
 // A CTA of the u kernel: kSlotTiles 8-slot mma columns of one expert's slots x 16 ranks (one
 // mma row tile; grid.y walks r in 16s). kWarps warps split `in`: warp w takes the 32-wide
@@ -816,6 +1024,33 @@ void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaS
   launch_dependent(kernel, shape, stream, args, lora);
 }
 
+int multiprocessors() {
+  int device = 0, sms = 0;
+  OSSRL_CUDA_CHECK(cudaGetDevice(&device));
+  OSSRL_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
+}
+
+// The streaming kernel's grid: a CTA per work item, up to as many as the GPU holds at once.
+template <class S, bool kGateUp>
+void launch_stream(const MatmulArgs& args, int assignments, int sms, cudaStream_t stream) {
+  auto* kernel = expert_stream_kernel<S, kGateUp>;
+  static const int ctas_per_sm = [&] {
+    int n = 0;
+    OSSRL_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, S::kThreads, 0));
+    return n;
+  }();
+  // Every expert with rows adds at most one partial tile.
+  const int64_t tiles = (int64_t(assignments) + S::kSlots - 1) / S::kSlots + std::min(args.w.experts, assignments);
+  const int64_t items = tiles * ((args.w.out + 15) / 16);
+  const int64_t blocks = int64_t(args.w.experts) * args.w.out * (args.w.in / kBlockValues);
+  if (items >= (int64_t(1) << 31) || blocks >= (int64_t(1) << 32))
+    fail_shape("moe: too many assignments or expert weights for the streaming kernel's 32-bit indices");
+  const LaunchShape shape{.grid = unsigned(std::min<int64_t>(items, int64_t(sms) * ctas_per_sm)),
+                          .block = S::kThreads};
+  launch_dependent(kernel, shape, stream, args);
+}
+
 // Tile shapes by the mean number of rows per expert, the fastest measured on an H100
 // (tests/cuda/moe_bench and its tuning runs, gpt-oss-20b shapes): decode (few rows) streams
 // the weights with narrow slot tiles and many CTAs; prefill (many rows) uses 128x128 tiles.
@@ -825,12 +1060,29 @@ void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaS
 // an SM; around 32 rows (batch 256), 2-block stages, so that 3 CTAs of 128x48 fit an SM (more
 // warps to hide the main loop's latency). Per call: -4% at 128 tokens, -4% at 256 (moe_bench);
 // even at 64 with its uniform routing, but the engine's batch-64 decode step is 3% faster.
+//
+// MXFP4 without an adapter, with few slots an expert and few experts with slots, takes the
+// streaming kernel: where the Narrow grid (ceil(out / 64) CTAs of 4 warps for each expert with
+// slots, at most min(experts, assignments) of them) leaves fewer than ~6 CTAs an SM, which
+// hide neither the memory latency nor the decode. H100, moe_bench 40 mxfp4, gate_up / down µs,
+// tiled -> streaming: 1 token 26.9 / 14.8 -> 23.8 / 11.5; 2 tokens 39.5 / 21.7 -> 39.3 / 20.4;
+// 4 tokens 55.0 / 31.7 -> 55.8 / 28.2 (so down only); 8 tokens 86.2 / 43.4 -> 93.1 / 46.7.
 template <bool kMxfp4, bool kGateUp, bool kLora>
 void dispatch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaStream_t stream) {
   constexpr int kDecodeBlocks = kMxfp4 ? 8 : 2, kWideBlocks = kMxfp4 ? 4 : 2;
   using Narrow = Tiling<4, 1, 1, 1, kDecodeBlocks, 4, 3>;
   using Decode16 = std::conditional_t<kMxfp4, Tiling<4, 1, 1, 2, 4, 4, 4>, Tiling<4, 1, 1, 2, 2, 4, 3>>;
+  using Stream = StreamTiling<6, 4, 4>;
   const int64_t per_expert = (int64_t(assignments) + args.w.experts - 1) / args.w.experts;
+  if constexpr (kMxfp4 && !kLora) {
+    const int sms = multiprocessors();
+    const int64_t narrow_ctas =
+        int64_t((args.w.out + Narrow::kRowsW - 1) / Narrow::kRowsW) * std::min(args.w.experts, assignments);
+    if (per_expert <= Stream::kSlots && narrow_ctas <= 6 * int64_t(sms)) {
+      launch_stream<Stream, kGateUp>(args, assignments, sms, stream);
+      return;
+    }
+  }
   if (per_expert <= (kMxfp4 ? 4 : 8)) {
     launch<Narrow, kMxfp4, kGateUp, kLora>(args, lora, assignments, stream);
   } else if (per_expert <= 16) {

@@ -2,7 +2,9 @@
 // on tensor cores, reading MXFP4 weights directly: each tile of codes and scales is decoded
 // to bf16 in shared memory next to the MMA that uses it, never expanded in global memory.
 // Also serves bf16 experts. One kernel shape covers decode (a few rows per expert: the
-// weights are streamed once, bandwidth bound) and prefill (many rows: a grouped GEMM).
+// weights are streamed once, bandwidth bound) and prefill (many rows: a grouped GEMM); MXFP4
+// decode with few rows on few experts (20b: batch 1 and 2, down also 4) takes a second kernel
+// that streams the weights straight into the MMA's registers.
 //
 // Per-expert LoRA (the policy's adapters in rollouts, cuda/lora.h's layout): expert e's
 // output gains scale · (act · A_eᵀ) · B_eᵀ before its epilogue (so before the SwiGLU of

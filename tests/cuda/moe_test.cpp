@@ -192,8 +192,9 @@ std::vector<MoeCase> cases() {
   for (bool mxfp4 : {true, false}) {
     v.push_back({std::string("mid_") + (mxfp4 ? "mxfp4" : "bf16") + "_600", 600, 1024, 512, 8, 2, mxfp4, {}, 1.0f});
   }
-  // gpt-oss-20b: hidden 2880, intermediate 2880, 32 experts, top-4.
-  for (int tokens : {1, 64, 120, 300}) {
+  // gpt-oss-20b: hidden 2880, intermediate 2880, 32 experts, top-4. On an H100, 1 and 2 tokens
+  // take the streaming kernel, 4 tokens for down only, 8 and more the tiled one.
+  for (int tokens : {1, 2, 4, 8, 64, 120, 300}) {
     v.push_back({"gpt_oss_20b_mxfp4_" + std::to_string(tokens), tokens, 2880, 2880, 32, 4, true, {7}, 1.0f});
   }
   v.push_back({"gpt_oss_20b_shape_bf16_64", 64, 2880, 2880, 4, 4, false, {}, 1.0f});
@@ -207,8 +208,11 @@ INSTANTIATE_TEST_SUITE_P(Shapes, MoeKernels, ::testing::ValuesIn(cases()),
 // W[o, t mod 64] * 2^(+-20) must equal the CPU's (io/mxfp4's exact ldexp decode) bit for bit.
 // The 2^20 half checks every nonzero weight as an fp32 normal (the smallest, 2^-128, gives
 // 2^-108); the 2^-20 half keeps the largest (up to 1.5 * 2^129 -> inf) finite where they are.
-TEST(MoeKernels, Mxfp4DecodeIsExact) {
-  OSSRL_REQUIRE_GPU();
+// Routed two ways: the 128 tokens on one expert (the tiled kernel), and 16 tokens on expert 0
+// then one on each of 112 copies of it (few slots an expert: the streaming kernel on an H100,
+// with an expert of two 8-slot tiles). out = 264 is not a multiple of 16: a partial feature
+// tile.
+void check_mxfp4_decode(int first_expert_tokens) {
   const int in = 64, blocks_per_row = in / 32, tokens = 128;
   Experts w;
   w.mxfp4 = true;
@@ -247,13 +251,21 @@ TEST(MoeKernels, Mxfp4DecodeIsExact) {
   }
   w.blocks[size_t(inf_row) * blocks_per_row * 16] = 0x02;           // k 0: +1.0
   w.blocks[size_t(neg_inf_row) * blocks_per_row * 16 + 2] = 0xf0;   // k 5: -6.0
-  w.bias.assign(size_t(w.out), 0.0f);
+  // Expert 0's tokens, then one expert (a copy of the weights) for each token left.
+  w.experts = 1 + tokens - first_expert_tokens;
+  const std::vector<uint8_t> expert_blocks = w.blocks, expert_scales = w.scales;
+  for (int e = 1; e < w.experts; ++e) {
+    w.blocks.insert(w.blocks.end(), expert_blocks.begin(), expert_blocks.end());
+    w.scales.insert(w.scales.end(), expert_scales.begin(), expert_scales.end());
+  }
+  w.bias.assign(size_t(w.experts) * w.out, 0.0f);
   w.upload();
 
   std::vector<float> x(size_t(tokens) * in, 0.0f);
   for (int t = 0; t < tokens; ++t) x[size_t(t) * in + t % in] = std::ldexp(1.0f, t < in ? 20 : -20);
-  std::vector<int32_t> sorted(static_cast<size_t>(tokens)), offsets = {0, tokens};
+  std::vector<int32_t> sorted(static_cast<size_t>(tokens)), offsets = {0};
   std::iota(sorted.begin(), sorted.end(), 0);
+  for (int end = first_expert_tokens; end <= tokens; ++end) offsets.push_back(end);
   const auto d_x = to_device_bf16(x);
   const cuda::DeviceBuffer<int32_t> d_sorted(sorted), d_offsets(offsets);
   cuda::DeviceBuffer<float> d_y(size_t(tokens) * w.out);
@@ -276,6 +288,14 @@ TEST(MoeKernels, Mxfp4DecodeIsExact) {
     }
   }
   EXPECT_GE(infinities, 4);  // rows 262 and 263 at their hot tokens
+}
+
+TEST(MoeKernels, Mxfp4DecodeIsExact) {
+  OSSRL_REQUIRE_GPU();
+  for (int first_expert_tokens : {128, 16}) {
+    SCOPED_TRACE("tokens on expert 0: " + std::to_string(first_expert_tokens));
+    ASSERT_NO_FATAL_FAILURE(check_mxfp4_decode(first_expert_tokens));
+  }
 }
 
 }  // namespace

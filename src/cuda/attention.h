@@ -38,8 +38,12 @@ struct PagedKv {
 //   lse = log(exp(sinks[h]) + Σ_u exp(s_u)); query head h reads kv head h / (heads/kv_heads).
 // q [n_queries, heads, head_dim] fp32; out [n_queries, heads, head_dim] bf16; sinks [heads]
 // fp32. The keys of every position a query sees must already be in the cache. head_dim 64.
+// max_tile_queries: at most that many queries in any tile (1 for a decode step); the smaller,
+// the more kv heads of a sequence one CTA can take. It changes only how the work is cut (the
+// results agree to rounding); a tile holding more queries is still computed right, slower.
 void paged_attention_forward(__nv_bfloat16* out, const float* q, const PagedKv& kv, const float* sinks,
                              const int32_t* query_pos, const QueryTile* tiles, int n_tiles, int heads,
-                             int kv_heads, int head_dim, int sliding_window, cudaStream_t stream);
+                             int kv_heads, int head_dim, int sliding_window, cudaStream_t stream,
+                             int max_tile_queries = kAttentionTileQueries);
 
 }  // namespace ossrl::cuda

@@ -41,6 +41,8 @@ struct AttentionCase {
   int page_size = 0;
   std::vector<SequenceSpec> sequences;
   bool via_graph = false;  // launch inside a captured CUDA graph
+  // What the launch is told of the tiles (paged_attention_forward's max_tile_queries).
+  int max_tile_queries = cuda::kAttentionTileQueries;
 };
 
 void run_case(const AttentionCase& c) {
@@ -121,7 +123,7 @@ void run_case(const AttentionCase& c) {
   auto launch = [&](cudaStream_t stream) {
     cuda::paged_attention_forward(reinterpret_cast<__nv_bfloat16*>(out_d.data()), q_d.data(), kv,
                                   sinks_d.data(), pos_d.data(), tiles_d.data(), int(tiles.size()), c.heads,
-                                  c.kv_heads, kHeadDim, c.sliding_window, stream);
+                                  c.kv_heads, kHeadDim, c.sliding_window, stream, c.max_tile_queries);
   };
   if (c.via_graph) {
     cudaStream_t stream;
@@ -202,6 +204,10 @@ std::string case_name(const char* what, HeadLayout layout, int window, int page_
          " window " + std::to_string(window) + " page " + std::to_string(page_size);
 }
 
+// Decode batches as the engine launches them (every tile one query: a CTA takes several kv
+// heads of a sequence) and as a launch told nothing of the tiles.
+constexpr int kDecodeTileQueries[] = {1, cuda::kAttentionTileQueries};
+
 // Whole prompts from an empty cache: lengths around the 128 window and a tile's 16.
 TEST(PagedAttention, PrefillFromEmptyCache) {
   OSSRL_REQUIRE_GPU();
@@ -230,7 +236,8 @@ TEST(PagedAttention, ChunkAfterCachedPrefix) {
   }
 }
 
-// Decode: one query per sequence, a batch of 64 with lengths spread over 1..1000.
+// Decode: one query per sequence, a batch of 64 with lengths spread over 1..1000 (keys split
+// over clusters of CTAs).
 TEST(PagedAttention, DecodeMixedLengths) {
   OSSRL_REQUIRE_GPU();
   std::mt19937 rng(7);
@@ -238,11 +245,47 @@ TEST(PagedAttention, DecodeMixedLengths) {
   std::vector<SequenceSpec> batch{{0, 1}, {999, 1}, {127, 1}, {128, 1}};
   while (batch.size() < 64) batch.push_back({length(rng) - 1, 1});
   int variant = 0;
+  for (const int max_tile_queries : kDecodeTileQueries) {
+    for (const HeadLayout layout : kLayouts) {
+      for (const int window : kWindows) {
+        const int page_size = variant++ % 2 == 0 ? 16 : 32;
+        run_case({case_name("decode", layout, window, page_size) + " max_tile_queries " +
+                      std::to_string(max_tile_queries),
+                  layout.heads, layout.kv_heads, window, page_size, batch, false, max_tile_queries});
+      }
+    }
+  }
+}
+
+// The rollout's decode batch: 256 sequences at 256..512 positions, one CTA per sequence (no
+// key split) when every tile is said to hold one query.
+TEST(PagedAttention, DecodeBatch256) {
+  OSSRL_REQUIRE_GPU();
+  std::mt19937 rng(11);
+  std::uniform_int_distribution<int> cached(255, 511);
+  std::vector<SequenceSpec> batch;
+  while (batch.size() < 256) batch.push_back({cached(rng), 1});
+  for (const int max_tile_queries : kDecodeTileQueries) {
+    for (const int window : kWindows) {
+      run_case({case_name("decode 256", kLayouts[0], window, 16) + " max_tile_queries " +
+                    std::to_string(max_tile_queries),
+                kLayouts[0].heads, kLayouts[0].kv_heads, window, 16, batch, false, max_tile_queries});
+    }
+  }
+}
+
+// A launch told that tiles hold one query, given tiles of up to 16: CTAs that took several kv
+// heads go through them a few at a time, and the result is still exact.
+TEST(PagedAttention, TilesLargerThanSaid) {
+  OSSRL_REQUIRE_GPU();
+  std::vector<SequenceSpec> batch{{300, 129}, {5, 127}, {127, 1}, {7, 3}, {40, 5}, {60, 9}, {33, 11}, {2, 13}};
+  for (int i = 0; i < 40; ++i) batch.push_back({200 + 7 * i, 1});  // enough tiles for whole-sequence CTAs
+  int variant = 0;
   for (const HeadLayout layout : kLayouts) {
     for (const int window : kWindows) {
       const int page_size = variant++ % 2 == 0 ? 16 : 32;
-      run_case({case_name("decode", layout, window, page_size), layout.heads, layout.kv_heads, window, page_size,
-                batch});
+      run_case({case_name("larger tiles", layout, window, page_size), layout.heads, layout.kv_heads, window,
+                page_size, batch, false, 1});
     }
   }
 }
@@ -252,7 +295,11 @@ TEST(PagedAttention, DecodeMixedLengths) {
 TEST(PagedAttention, LongContextFewSequences) {
   OSSRL_REQUIRE_GPU();
   for (const int window : {0, 128}) {
-    run_case({case_name("long batch 1", kLayouts[0], window, 32), 64, 8, window, 32, {{16999, 1}}});
+    for (const int max_tile_queries : kDecodeTileQueries) {
+      run_case({case_name("long batch 1", kLayouts[0], window, 32) + " max_tile_queries " +
+                    std::to_string(max_tile_queries),
+                64, 8, window, 32, {{16999, 1}}, false, max_tile_queries});
+    }
     run_case({case_name("long batch 3", kLayouts[0], window, 16), 64, 8, window, 16,
               {{16500, 1}, {0, 1}, {4000, 20}}});
   }
@@ -261,8 +308,10 @@ TEST(PagedAttention, LongContextFewSequences) {
 // The engine replays decode steps as CUDA graphs: the launch must capture (no sync, no alloc).
 TEST(PagedAttention, CapturesIntoGraph) {
   OSSRL_REQUIRE_GPU();
-  AttentionCase c{"graph", 64, 8, 128, 16, {{200, 1}, {3000, 1}, {0, 17}}, true};
-  run_case(c);
+  run_case({"graph", 64, 8, 128, 16, {{200, 1}, {3000, 1}, {0, 17}}, true});
+  std::vector<SequenceSpec> decode;
+  for (int i = 0; i < 64; ++i) decode.push_back({100 + 13 * i, 1});
+  run_case({"graph decode", 64, 8, 0, 16, decode, true, 1});
 }
 
 TEST(PagedAttention, RejectsHeadDimOtherThan64) {

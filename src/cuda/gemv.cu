@@ -15,10 +15,6 @@
 // The same kernel, instantiated with kAttnInput, is skinny_qkv_rope_forward: x normed from the
 // residual in each CTA's prologue and the RoPE + KV-cache write in its epilogue (cuda/gemv.h).
 //
-// Launched as a programmatic dependent (cuda/launch.cuh): while the kernel before it still runs,
-// each warp asks L2 for the first bytes of its W rows, which depend on nothing of the step, and
-// only then waits for x, so the first memory round trip overlaps the previous kernel's tail.
-//
 // Loading mma fragments straight from global memory in 16-byte pieces: a dot product may sum
 // its k terms in any order, so the k positions of a chunk are permuted to suit the loads. Lane
 // (g = lane / 4, t = lane % 4) loads W[row0 + g, k..k+8), W[row0 + g + 8, k..k+8) and
@@ -34,7 +30,6 @@
 #include <cstdint>
 
 #include "cuda/check.h"
-#include "cuda/launch.cuh"
 
 namespace ossrl::cuda {
 
@@ -58,17 +53,6 @@ __device__ __forceinline__ uint4 load_weights(const __nv_bfloat16* p) {
                : "l"(p));
   return v;
 }
-
-// Asks L2 for `bytes` (a multiple of 16) of global memory from p (16-byte aligned): one
-// instruction for a whole run, the data arriving while the thread goes on.
-__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-}
-
-// Bytes of each W row a warp prefetches before its wait: 8 chunks, what its first two unrolled
-// iterations read. qkv and o_proj are then mostly in L2 before x is ready; lm_head's first
-// wave prefetches ~13 MB, well within the 50 MB L2.
-constexpr int kPrefetchBytes = 8 * kChunk * 2;
 
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
@@ -194,23 +178,12 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
     const int half = op.head_dim / 2, tiles_per_head = half / 8;
     row_lo = int(blockIdx.x) / tiles_per_head * op.head_dim + int(blockIdx.x) % tiles_per_head * 8 + g;
     row_hi = row_lo + half;
+    norm_rows(x_normed, x_stride, partial, op.residual, op.norm_weight, op.eps, n, in);
+    x = x_normed;
   }
   const int chunks = (in + kChunk - 1) / kChunk;
   const int slice = split * warps + warp, slices = splits * warps;
   const int chunk_begin = chunks * slice / slices, chunk_end = chunks * (slice + 1) / slices;
-  // Lanes t = 0 prefetch their two rows' first bytes of the slice (in % 8 == 0: row and slice
-  // starts are 16-byte aligned, and the row's end is a multiple of 16 bytes from them).
-  if (t == 0 && chunk_begin < chunk_end) {
-    const uint32_t bytes = uint32_t(min(kPrefetchBytes, (in - chunk_begin * kChunk) * 2));
-    if (row_lo < out) prefetch_l2(w + int64_t(row_lo) * in + int64_t(chunk_begin) * kChunk, bytes);
-    if (row_hi < out) prefetch_l2(w + int64_t(row_hi) * in + int64_t(chunk_begin) * kChunk, bytes);
-  }
-  wait_for_producers();
-  release_dependents();
-  if constexpr (kAttnInput) {
-    norm_rows(x_normed, x_stride, partial, op.residual, op.norm_weight, op.eps, n, in);
-    x = x_normed;
-  }
   // Where `in` is not a multiple of 32 the last chunk is partial: this lane's 8 values of it
   // exist only if 8t < in % 32.
   const int lane_chunk_end = min(chunk_end, (in - 8 * t + kChunk - 1) / kChunk);
@@ -360,12 +333,20 @@ void launch(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const floa
       return true;
     }();
   }
-  const LaunchShape shape{.grid = dim3(unsigned(grid.tiles), unsigned(grid.splits)),
-                          .block = dim3(unsigned(grid.warps * 32)),
-                          .shared_bytes = (kAttnInput ? normed_rows_bytes(n, in) : 0) +
-                                          size_t(grid.warps + 1) * 4 * kTokenTiles * 32 * sizeof(float),
-                          .cluster = dim3(1, unsigned(grid.splits), 1)};
-  launch_dependent(kernel, shape, stream, y, x, w, bias, n, in, out, accumulate, op);
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(unsigned(grid.tiles), unsigned(grid.splits));
+  config.blockDim = dim3(unsigned(grid.warps * 32));
+  config.dynamicSmemBytes = (kAttnInput ? normed_rows_bytes(n, in) : 0) +
+                            size_t(grid.warps + 1) * 4 * kTokenTiles * 32 * sizeof(float);
+  config.stream = stream;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = 1;
+  cluster.val.clusterDim.y = unsigned(grid.splits);
+  cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  OSSRL_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, y, x, w, bias, n, in, out, accumulate, op));
 }
 
 template <bool kAttnInput>

@@ -1,12 +1,13 @@
 // MoE routing: per-token top-k of the router logits with a softmax over the chosen, the
 // deterministic grouping of (token, slot) assignments by expert, and for small steps all of
-// it with the norm and router matmul before it in one launch. Each kernel is launched as a
-// programmatic dependent (cuda/launch.cuh) and releases after its wait.
+// it with the norm and router matmul before it in one launch. The unfused kernels are launched
+// as programmatic dependents at larger steps (cuda/launch.cuh) and release after their wait.
 #include "cuda/router.h"
 
 #include <climits>
 #include <cstdint>
 
+#include <cooperative_groups.h>
 #include <cub/block/block_load.cuh>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
@@ -17,6 +18,8 @@
 
 namespace ossrl::cuda {
 namespace {
+
+namespace cg = cooperative_groups;
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kRouterThreads = 128;  // 4 tokens per CTA, one warp each
@@ -35,17 +38,17 @@ struct Candidate {
 
 // expert_index / expert_weight [k] of one token: the k largest of logits [experts] + bias
 // [experts], descending, and softmax over those k, by one warp; lane l holds experts l, l + 32,
-// ... Each of the k rounds takes the best expert not yet taken by a warp argmax. The logits are
-// read past L1 (__ldcg): in the fused routing other CTAs of the launch wrote them.
-__device__ void warp_topk(int32_t* expert_index, float* expert_weight, const float* logits, const float* bias,
-                          int experts, int k) {
+// ... Each of the k rounds takes the best expert not yet taken by a warp argmax. logits and
+// bias may be shared memory; index_copy, if not null, gets expert_index too.
+__device__ void warp_topk(int32_t* expert_index, float* expert_weight, int32_t* index_copy, const float* logits,
+                          const float* bias, int experts, int k) {
   const int lane = threadIdx.x % 32;
   float v[kMaxExpertsPerLane];
   unsigned available = 0;  // bit s: expert lane + 32 s exists and is not taken yet
 #pragma unroll
   for (int s = 0; s < kMaxExpertsPerLane; ++s) {
     const int e = lane + 32 * s;
-    v[s] = e < experts ? __ldcg(logits + e) + bias[e] : 0.0f;
+    v[s] = e < experts ? logits[e] + bias[e] : 0.0f;
     if (e < experts) available |= 1u << s;
   }
   Candidate chosen[kMaxK];
@@ -81,6 +84,7 @@ __device__ void warp_topk(int32_t* expert_index, float* expert_weight, const flo
   for (int i = 0; i < kMaxK; ++i) {
     if (i >= k) break;
     expert_index[i] = chosen[i].expert;
+    if (index_copy != nullptr) index_copy[i] = chosen[i].expert;
     expert_weight[i] = weight[i] / sum;
   }
 }
@@ -94,7 +98,7 @@ __global__ void __launch_bounds__(kRouterThreads)
   release_dependents();
   const int64_t t = int64_t(blockIdx.x) * (kRouterThreads / 32) + threadIdx.x / 32;
   if (t >= n) return;  // the whole warp leaves together
-  warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, bias, experts, k);
+  warp_topk(expert_index + t * k, expert_weight + t * k, nullptr, logits + t * experts, bias, experts, k);
 }
 
 constexpr int kGroupThreads = 1024;
@@ -152,32 +156,27 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
-// The fused routing's work split: a CTA takes kRouteExperts experts of one token, and each
-// thread at most kRoutePacks packs of 4 of the row, held in registers (hidden <= 4096 with
+// The fused routing's work split: one cluster of up to kRouteCtas CTAs for the whole step,
+// CTA c taking its share of the experts for every token, 4 experts (a pass) at a time, and each
+// thread at most kRoutePacks packs of 4 of a row, held in registers (hidden <= 4096 with
 // rmsnorm_forward's CTA sizes).
-constexpr int kRouteExperts = 4;
+constexpr int kRouteCtas = 8;  // the portable cluster size
+constexpr int kPassExperts = 4;
 constexpr int kRoutePacks = 4;
+constexpr int kMaxCtaExperts = 32 * kMaxExpertsPerLane / kRouteCtas;
 
-// Counts this CTA done at *counter, `ctas` of them in all; true in the last one, which resets
-// the counter for the next launch. The fence before counting makes each thread's writes
-// visible device-wide first, the one after lets the last CTA read everyone's.
-__device__ bool last_to_finish(int32_t* counter, int ctas, bool& last_shared) {
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    last_shared = atomicAdd(counter, 1) == ctas - 1;
-    if (last_shared) *counter = 0;  // no other CTA of this launch touches it again
-  }
-  __syncthreads();
-  const bool last = last_shared;
-  if (last) __threadfence();
-  return last;
+struct RouteSplit {
+  int ctas, cta_experts;  // CTAs in the cluster, experts per CTA (the last may have fewer)
+};
+__host__ __device__ constexpr RouteSplit route_split(int experts) {
+  const int ctas = experts <= kPassExperts * kRouteCtas ? (experts + kPassExperts - 1) / kPassExperts : kRouteCtas;
+  return {ctas, (experts + ctas - 1) / ctas};
 }
 
-// expert_offsets [experts + 1] and sorted_assignments [n*k] from expert_index [n, k] (written
-// by other CTAs: read past L1) for n <= 64, by one CTA: a token picks an expert at most once,
-// so an assignment's rank among its expert's is the number of earlier tokens that picked the
-// expert, a popcount of the expert's 64-bit token mask.
+// expert_offsets [experts + 1] and sorted_assignments [n*k] from expert_index [n, k] (shared
+// memory) for n <= 64, by one CTA: a token picks an expert at most once, so an assignment's
+// rank among its expert's is the number of earlier tokens that picked the expert, a popcount
+// of the expert's 64-bit token mask.
 template <int kThreads>
 __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                                  int n, int k, int experts) {
@@ -190,7 +189,7 @@ __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assign
   for (int e = threadIdx.x; e < experts; e += kThreads) tokens_of[e] = 0;
   __syncthreads();
   const int total = n * k;
-  for (int a = threadIdx.x; a < total; a += kThreads) atomicOr(&tokens_of[__ldcg(expert_index + a)], 1ull << (a / k));
+  for (int a = threadIdx.x; a < total; a += kThreads) atomicOr(&tokens_of[expert_index[a]], 1ull << (a / k));
   __syncthreads();
   int start[kItems];
 #pragma unroll
@@ -207,88 +206,129 @@ __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assign
   if (threadIdx.x == 0) expert_offsets[experts] = total;
   __syncthreads();
   for (int a = threadIdx.x; a < total; a += kThreads) {
-    const int e = __ldcg(expert_index + a);
+    const int e = expert_index[a];
     const unsigned long long earlier_tokens = (1ull << (a / k)) - 1;
     sorted_assignments[group_start[e] + __popcll(tokens_of[e] & earlier_tokens)] = a;
   }
 }
 
-// moe_route_fused's kernel. Grid (tokens, expert chunks of kRouteExperts), kThreads = the
-// CTA rmsnorm_forward gives a row, so each CTA norms its token's row exactly as
-// rmsnorm_forward does (the first chunk's CTA writes it to `normed`) while its router rows load
-// into registers, then takes the logits of its experts: per-thread dot products over the
-// thread's packs, reduced across the CTA in a fixed order. The last CTA of a token to finish
-// (counters[1 + token]) takes the token's top-k; the last token to finish (counters[0]) groups
-// all the assignments by expert. Which CTA is last varies, the results do not. Two CTAs per
-// SM: 128 experts at 8 tokens are 256 CTAs.
+// moe_route_fused's kernel: one cluster, grid = cluster = (route_split(experts).ctas),
+// kThreads = the CTA rmsnorm_forward gives a row, so each CTA norms its share of the rows
+// exactly as rmsnorm_forward does, writes them to `normed` and hands their rstd to the others
+// through distributed shared memory. A CTA first loads its first pass of router rows into
+// registers, asks L2 for the others, and CTA 0 reads the bias, all of which overlaps the
+// norms' round trips. Each thread's dot products are summed over the warp by shuffles and
+// over the warps in a fixed order, and the logits land in CTA 0's shared memory, where, after
+// the second cluster barrier, warp t takes token t's top-k and the CTA groups the
+// assignments: no global atomics, no fences.
 template <int kThreads>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads)
     moe_route_fused_kernel(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
-                           int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
+                           int32_t* expert_offsets, int32_t* sorted_assignments, const float* x,
                            const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias,
                            int n, int hidden, int experts, int k, float eps) {
   using Row = RmsnormRow<kThreads, 4>;
   using Bf16x4 = Pack<__nv_bfloat16, 4>;
   constexpr int kWarps = kThreads / 32;
+  constexpr int kMaxExperts = 32 * kMaxExpertsPerLane;
   __shared__ typename Row::Storage norm_storage;
-  __shared__ float partial[kWarps][kRouteExperts];
-  __shared__ bool last_shared;
+  __shared__ float rstd_of[kMoeRouteMaxTokens];  // every token's, from the CTA that normed it
+  __shared__ float partial[kWarps][kMoeRouteMaxTokens][kMaxCtaExperts];  // per warp, token, expert of the CTA
+  __shared__ float cluster_logits[kMoeRouteMaxTokens * kMaxExperts];     // CTA 0's: [n, experts]
+  __shared__ float bias[kMaxExperts];
+  __shared__ int32_t chosen[kMoeRouteMaxTokens * kMaxK];
+  const cg::cluster_group cluster = cg::this_cluster();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int64_t t = blockIdx.x;
-  const int e0 = blockIdx.y * kRouteExperts, chunk_experts = min(kRouteExperts, experts - e0);
+  const int rank = int(cluster.block_rank());
+  const RouteSplit split = route_split(experts);
+  const int e_begin = rank * split.cta_experts, e_end = min(experts, e_begin + split.cta_experts);
   const int packs = hidden / 4;
 
-  // The router rows first: they do not depend on the norm, so their latency overlaps it.
-  Bf16x4 w[kRouteExperts][kRoutePacks] = {};
+  // Router rows [e0, e0 + 4) of the pass starting at e0, this thread's packs, zero past e_end.
+  const auto load_pass = [&](int e0, Bf16x4 (&w)[kPassExperts][kRoutePacks]) {
 #pragma unroll
-  for (int e = 0; e < kRouteExperts; ++e) {
-    const auto* row = reinterpret_cast<const Bf16x4*>(router_weight + int64_t(e0 + e) * hidden);
+    for (int e = 0; e < kPassExperts; ++e) {
+      const auto* row = reinterpret_cast<const Bf16x4*>(router_weight + int64_t(e0 + e) * hidden);
 #pragma unroll
-    for (int j = 0; j < kRoutePacks; ++j) {
-      const int p = threadIdx.x + j * kThreads;
-      if (e < chunk_experts && p < packs) w[e][j] = row[p];
+      for (int j = 0; j < kRoutePacks; ++j) {
+        const int p = threadIdx.x + j * kThreads;
+        w[e][j] = e0 + e < e_end && p < packs ? row[p] : Bf16x4{};
+      }
     }
+  };
+  Bf16x4 w[kPassExperts][kRoutePacks];
+  load_pass(e_begin, w);
+  // The later passes' rows (128 experts: 3 of 4 passes) into L2, one contiguous run.
+  const __nv_bfloat16* later = router_weight + int64_t(e_begin + kPassExperts) * hidden;
+  const int64_t later_bytes = int64_t(max(0, e_end - e_begin - kPassExperts)) * hidden * 2;
+  if (threadIdx.x == 0 && later_bytes > 0 && later_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(later) % 16 == 0) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(later), "r"(uint32_t(later_bytes)) : "memory");
+  }
+  if (rank == 0) {
+    for (int e = threadIdx.x; e < experts; e += kThreads) bias[e] = router_bias[e];
   }
 
-  // Only now the residual row, which the kernel before wrote (the router rows above are loaded
-  // while it finishes).
-  wait_for_producers();
-  release_dependents();
-  // Each pack of the normed row goes into the dot products as soon as it is made.
-  const float* xr = x + t * hidden;
-  const float rstd = Row::rstd(xr, hidden, eps, norm_storage);
-  auto* out = reinterpret_cast<Bf16x4*>(normed + t * hidden);
-  float acc[kRouteExperts] = {};
-#pragma unroll
-  for (int j = 0; j < kRoutePacks; ++j) {
-    const int p = threadIdx.x + j * kThreads;
-    if (p >= packs) break;
-    const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd);
-    if (blockIdx.y == 0) out[p] = y;
-#pragma unroll
-    for (int e = 0; e < kRouteExperts; ++e) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) acc[e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
-    }
+  // The rows' norms, spread over the cluster (CTA c norms tokens c, c + ctas, ...): each CTA
+  // writes its rows to `normed` and their rstd into every CTA's rstd_of.
+  const int ctas = int(cluster.num_blocks());
+  for (int t = rank; t < n; t += ctas) {
+    const float r = Row::rstd(x + int64_t(t) * hidden, hidden, eps, norm_storage);
+    auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t) * hidden);
+    for (int p = threadIdx.x; p < packs; p += kThreads) out[p] = Row::scale(x + int64_t(t) * hidden, norm_weight, p, r);
+    if (threadIdx.x < ctas) cluster.map_shared_rank(rstd_of, int(threadIdx.x))[t] = r;
+    __syncthreads();  // norm_storage is reused by the next row
   }
+  cluster.sync();
+  // Dot products, pass by pass (4 experts), all tokens at once (independent sums, so their
+  // shuffles overlap); each warp's sums into `partial`.
+  for (int e0 = e_begin; e0 < e_end; e0 += kPassExperts) {
+    if (e0 != e_begin) load_pass(e0, w);
+    float acc[kMoeRouteMaxTokens][kPassExperts] = {};
 #pragma unroll
-  for (int e = 0; e < kRouteExperts; ++e) {
-    float v = acc[e];
-    for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-    if (lane == 0) partial[warp][e] = v;
+    for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
+      if (t >= n) break;
+      const float* xr = x + int64_t(t) * hidden;
+#pragma unroll
+      for (int j = 0; j < kRoutePacks; ++j) {
+        const int p = threadIdx.x + j * kThreads;
+        if (p >= packs) break;
+        const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd_of[t]);
+#pragma unroll
+        for (int e = 0; e < kPassExperts; ++e) {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) acc[t][e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
+      if (t >= n) break;
+#pragma unroll
+      for (int e = 0; e < kPassExperts; ++e) {
+        float v = acc[t][e];
+        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+        if (lane == 0) partial[warp][t][e0 - e_begin + e] = v;
+      }
+    }
   }
   __syncthreads();
-  if (threadIdx.x < chunk_experts) {
+  float* leader_logits = cluster.map_shared_rank(cluster_logits, 0);
+  for (int i = threadIdx.x; i < n * (e_end - e_begin); i += kThreads) {
+    const int t = i / (e_end - e_begin), e = i % (e_end - e_begin);
     float sum = 0.0f;
 #pragma unroll
-    for (int r = 0; r < kWarps; ++r) sum += partial[r][threadIdx.x];
-    logits[t * experts + e0 + threadIdx.x] = sum;
+    for (int r = 0; r < kWarps; ++r) sum += partial[r][t][e];
+    logits[int64_t(t) * experts + e_begin + e] = sum;
+    leader_logits[t * experts + e_begin + e] = sum;
   }
-
-  if (!last_to_finish(&counters[1 + t], gridDim.y, last_shared)) return;
-  if (warp == 0) warp_topk(expert_index + t * k, expert_weight + t * k, logits + t * experts, router_bias, experts, k);
-  if (!last_to_finish(&counters[0], gridDim.x, last_shared)) return;
-  group_small_step<kThreads>(expert_offsets, sorted_assignments, expert_index, n, k, experts);
+  cluster.sync();  // every CTA's logits are in CTA 0's shared memory
+  if (rank != 0) return;
+  for (int t = warp; t < n; t += kWarps) {
+    warp_topk(expert_index + t * k, expert_weight + t * k, chosen + t * k, cluster_logits + t * experts, bias,
+              experts, k);
+  }
+  __syncthreads();
+  group_small_step<kThreads>(expert_offsets, sorted_assignments, chosen, n, k, experts);
 }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
@@ -299,14 +339,16 @@ void router_topk_forward(int32_t* expert_index, float* expert_weight, const floa
                          int n, int experts, int k, cudaStream_t stream) {
   if (n == 0) return;
   constexpr int tokens_per_cta = kRouterThreads / 32;
-  launch_dependent(router_topk_kernel, {.grid = dim3((n + tokens_per_cta - 1) / tokens_per_cta), .block = kRouterThreads},
-                   stream, expert_index, expert_weight, logits, bias, n, experts, k);
+  const LaunchShape shape{.grid = dim3((n + tokens_per_cta - 1) / tokens_per_cta),
+                          .block = kRouterThreads,
+                          .dependent = overlap_launches(n)};
+  launch_kernel(router_topk_kernel, shape, stream, expert_index, expert_weight, logits, bias, n, experts, k);
 }
 
 void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                          int n, int k, int experts, cudaStream_t stream) {
-  launch_dependent(moe_group_kernel, {.grid = dim3(experts), .block = kGroupThreads}, stream, expert_offsets,
-                   sorted_assignments, expert_index, n * k, experts);
+  const LaunchShape shape{.grid = dim3(experts), .block = kGroupThreads, .dependent = overlap_launches(n)};
+  launch_kernel(moe_group_kernel, shape, stream, expert_offsets, sorted_assignments, expert_index, n * k, experts);
 }
 
 bool moe_route_fusable(int n, int hidden, int experts, int k) {
@@ -320,20 +362,20 @@ bool moe_route_fusable(int n, int hidden, int experts, int k) {
 }
 
 void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
-                     int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
-                     const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias, int n,
-                     int hidden, int experts, int k, float eps, cudaStream_t stream) {
+                     int32_t* expert_offsets, int32_t* sorted_assignments, const float* x, const float* norm_weight,
+                     const __nv_bfloat16* router_weight, const float* router_bias, int n, int hidden, int experts,
+                     int k, float eps, cudaStream_t stream) {
   // Outside these the result would differ from rmsnorm_forward's (another access width) or not
   // fit the kernel's registers and masks.
   if (!moe_route_fusable(n, hidden, experts, k) || !aligned(x, 16) || !aligned(norm_weight, 16) ||
       !aligned(router_weight, 8) || !aligned(normed, 8)) {
     fail_cuda(cudaErrorInvalidValue, "moe_route_fused outside moe_route_fusable or misaligned", __FILE__, __LINE__);
   }
-  const dim3 grid(n, (experts + kRouteExperts - 1) / kRouteExperts);
+  const unsigned ctas = unsigned(route_split(experts).ctas);
   with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
-    launch_dependent(moe_route_fused_kernel<kThreads>, {.grid = grid, .block = kThreads}, stream, normed, logits,
-                     expert_index, expert_weight, expert_offsets, sorted_assignments, counters, x, norm_weight,
-                     router_weight, router_bias, n, hidden, experts, k, eps);
+    launch_kernel(moe_route_fused_kernel<kThreads>, {.grid = dim3(ctas), .block = kThreads, .cluster = dim3(ctas, 1, 1)},
+                  stream, normed, logits, expert_index, expert_weight, expert_offsets, sorted_assignments, x,
+                  norm_weight, router_weight, router_bias, n, hidden, experts, k, eps);
   });
 }
 

@@ -22,13 +22,9 @@ void router_topk_forward(int32_t* expert_index, float* expert_weight, const floa
 void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                          int n, int k, int experts, cudaStream_t stream);
 
-// The most tokens moe_route_fused takes: where it measured faster than the four launches on an
-// H100 (graph replays at hidden 2880, 32 or 128 experts: 10.2-11.6 us against 12.4-13.2 us for
-// 1-8 tokens). A CTA per (token, 4 experts); four tokens per CTA beyond 8 measured no faster
-// at 32 experts and slower at 128 (24.6 against 16.1 us at 64 tokens).
+// The most tokens moe_route_fused takes: one cluster of CTAs does the whole step (each CTA a
+// share of the experts for every token), which pays where the work is tiny: decode batches.
 inline constexpr int kMoeRouteMaxTokens = 8;
-// The int32 counters moe_route_fused needs (its CTAs count themselves done to find the last).
-inline constexpr int kMoeRouteCounters = 1 + kMoeRouteMaxTokens;
 
 // Whether moe_route_fused handles a step of n tokens: 1 <= n <= kMoeRouteMaxTokens, k <= 8,
 // experts <= 256, hidden % 4 == 0 and hidden <= 4096 (a row's share per thread is held in
@@ -44,13 +40,11 @@ bool moe_route_fusable(int n, int hidden, int experts, int k);
 // order (bf16 products, fp32 sums), and from those the same expert_index, expert_weight,
 // expert_offsets and sorted_assignments. x [n, hidden] fp32 (the residual rows), norm_weight
 // [hidden] fp32, router_weight [experts, hidden] bf16, router_bias [experts] fp32; x and
-// norm_weight 16-byte aligned, router_weight and normed 8-byte aligned. counters
-// [kMoeRouteCounters], zero before the first call, are left zero (graph replays reuse them);
-// calls sharing counters must not run concurrently. Requires moe_route_fusable(n, hidden,
-// experts, k).
+// norm_weight 16-byte aligned, router_weight and normed 8-byte aligned. Requires
+// moe_route_fusable(n, hidden, experts, k).
 void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
-                     int32_t* expert_offsets, int32_t* sorted_assignments, int32_t* counters, const float* x,
-                     const float* norm_weight, const __nv_bfloat16* router_weight, const float* router_bias, int n,
-                     int hidden, int experts, int k, float eps, cudaStream_t stream);
+                     int32_t* expert_offsets, int32_t* sorted_assignments, const float* x, const float* norm_weight,
+                     const __nv_bfloat16* router_weight, const float* router_bias, int n, int hidden, int experts,
+                     int k, float eps, cudaStream_t stream);
 
 }  // namespace ossrl::cuda

@@ -49,7 +49,6 @@ struct Workspace {
   DeviceBuffer<float> expert_weight;        // [T, k]
   DeviceBuffer<int32_t> expert_offsets;     // [experts + 1]
   DeviceBuffer<int32_t> sorted_assignments; // [T * k]
-  DeviceBuffer<int32_t> route_counters;     // [cuda::kMoeRouteCounters] moe_route_fused's, zero between steps
   DeviceBuffer<bf16> swiglu;                // [T * k, intermediate] in expert order
   DeviceBuffer<float> expert_out;           // [T * k, hidden] in assignment order
   DeviceBuffer<bf16> lora_u;                // [T * k, r] an adapter's x · Aᵀ (attention: [T, r])
@@ -80,7 +79,6 @@ struct Workspace {
     expert_weight = a.take<float>(t * k, "expert weights");
     expert_offsets = a.take<int32_t>(experts + 1, "expert offsets");
     sorted_assignments = a.take<int32_t>(t * k, "sorted assignments");
-    route_counters = a.take<int32_t>(cuda::kMoeRouteCounters, "routing counters");
     swiglu = a.take<bf16>(t * k * size_t(c.intermediate_size), "expert SwiGLU activations");
     expert_out = a.take<float>(t * k * hidden, "expert outputs");
     lora_u = a.take<bf16>(lora_u_count(cap, c, lora_rank), "LoRA activations");
@@ -402,7 +400,6 @@ void CudaModel::allocate(const StepCapacity& capacity, int kv_pages, int page_si
   m.kv_cache = DeviceBuffer<bf16>(kv_elements, "KV cache");
   Allocator allocator;
   m.ws = Workspace(allocator, c, capacity, m.lora_rank);
-  OSSRL_CUDA_CHECK(cudaMemset(m.ws.route_counters.data(), 0, m.ws.route_counters.bytes()));
   m.kv_bytes = kv_bytes;
   m.workspace_bytes = allocator.bytes();
   m.capacity = capacity;
@@ -545,8 +542,10 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
     profile.mark(Op::RopeKv);
     const cuda::PagedKv kv{k_cache, v_cache, step.block_tables, cap.max_pages_per_seq, m.page_size};
     const float* sinks = lora != nullptr && lora->sinks != nullptr ? lora->sinks : w.sinks.data();
+    // A step of one token per tile is a decode step (the engine builds no empty tiles).
     cuda::paged_attention_forward(ws.attention.data(), ws.q.data(), kv, sinks, step.positions, step.tiles, n_tiles,
-                                  heads, kv_heads, head_dim, w.sliding_window, stream);
+                                  heads, kv_heads, head_dim, w.sliding_window, stream,
+                                  n_tokens == n_tiles ? 1 : cuda::kAttentionTileQueries);
     profile.mark(Op::Attention);
     cuda::linear_forward(blas, ws.residual.data(), ws.attention.data(), w.o_proj.data(), w.o_bias.data(), n_tokens,
                          q_dim, hidden, true);
@@ -562,7 +561,7 @@ void CudaModel::forward(int n_tokens, int n_tiles, int n_sequences, bool sample,
       profile.mark(Op::MoeNorm);
       cuda::moe_route_fused(ws.normed.data(), ws.router_logits.data(), ws.expert_index.data(),
                             ws.expert_weight.data(), ws.expert_offsets.data(), ws.sorted_assignments.data(),
-                            ws.route_counters.data(), ws.residual.data(), w.post_attention_layernorm.data(),
+                            ws.residual.data(), w.post_attention_layernorm.data(),
                             w.router.data(), w.router_bias.data(), n_tokens, hidden, experts, k, eps, stream);
       profile.mark(Op::Router);
     } else {

@@ -1,4 +1,4 @@
-// Dense bf16 matmuls (attention projections, router, lm_head) through cuBLAS, which is the
+// Dense bf16 matmuls (attention projections, router, lm_head) through cuBLAS(Lt), which is the
 // fastest path for plain bf16 GEMMs; the expert matmuls have their own kernels (cuda/moe.h).
 #pragma once
 
@@ -9,7 +9,7 @@
 
 namespace ossrl::cuda {
 
-// Owns a cuBLAS handle bound to one stream (and its workspace). Not copyable.
+// Owns a cuBLAS handle bound to one stream, a cuBLASLt handle and their workspace. Not copyable.
 class Blas {
  public:
   explicit Blas(cudaStream_t stream);
@@ -18,10 +18,14 @@ class Blas {
   Blas& operator=(const Blas&) = delete;
   cudaStream_t stream() const { return stream_; }
   void* handle() const { return handle_; }
+  void* lt_handle() const { return lt_handle_; }
+  void* workspace() { return workspace_.data(); }
+  size_t workspace_bytes() const { return workspace_.bytes(); }
 
  private:
   cudaStream_t stream_;
-  void* handle_ = nullptr;  // cublasHandle_t, kept opaque so this header stays light
+  void* handle_ = nullptr;     // cublasHandle_t, kept opaque so this header stays light
+  void* lt_handle_ = nullptr;  // cublasLtHandle_t
   // Given to cublasSetWorkspace: without it cuBLAS allocates during graph capture.
   DeviceBuffer<unsigned char> workspace_;
 };

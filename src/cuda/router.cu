@@ -156,22 +156,13 @@ __global__ void __launch_bounds__(kGroupThreads)
   }
 }
 
-// The fused routing's work split: one cluster of up to kRouteCtas CTAs for the whole step,
-// CTA c taking its share of the experts for every token, 4 experts (a pass) at a time, and each
-// thread at most kRoutePacks packs of 4 of a row, held in registers (hidden <= 4096 with
-// rmsnorm_forward's CTA sizes).
-constexpr int kRouteCtas = 8;  // the portable cluster size
-constexpr int kPassExperts = 4;
+// The fused routing's work split: one cluster for the whole step, CTA c taking experts
+// [4c, 4c + 4) for every token (32 experts: 8 CTAs, the portable cluster size), each thread at
+// most kRoutePacks packs of 4 of a row, its 4 router rows held in registers (hidden <= 4096
+// with rmsnorm_forward's CTA sizes).
+constexpr int kCtaExperts = 4;
+constexpr int kRouteCtas = kMoeRouteMaxExperts / kCtaExperts;
 constexpr int kRoutePacks = 4;
-constexpr int kMaxCtaExperts = 32 * kMaxExpertsPerLane / kRouteCtas;
-
-struct RouteSplit {
-  int ctas, cta_experts;  // CTAs in the cluster, experts per CTA (the last may have fewer)
-};
-__host__ __device__ constexpr RouteSplit route_split(int experts) {
-  const int ctas = experts <= kPassExperts * kRouteCtas ? (experts + kPassExperts - 1) / kPassExperts : kRouteCtas;
-  return {ctas, (experts + ctas - 1) / ctas};
-}
 
 // expert_offsets [experts + 1] and sorted_assignments [n*k] from expert_index [n, k] (shared
 // memory) for n <= 64, by one CTA: a token picks an expert at most once, so an assignment's
@@ -212,15 +203,14 @@ __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assign
   }
 }
 
-// moe_route_fused's kernel: one cluster, grid = cluster = (route_split(experts).ctas),
-// kThreads = the CTA rmsnorm_forward gives a row, so each CTA norms its share of the rows
-// exactly as rmsnorm_forward does, writes them to `normed` and hands their rstd to the others
-// through distributed shared memory. A CTA first loads its first pass of router rows into
-// registers, asks L2 for the others, and CTA 0 reads the bias, all of which overlaps the
-// norms' round trips. Each thread's dot products are summed over the warp by shuffles and
-// over the warps in a fixed order, and the logits land in CTA 0's shared memory, where, after
-// the second cluster barrier, warp t takes token t's top-k and the CTA groups the
-// assignments: no global atomics, no fences.
+// moe_route_fused's kernel: one cluster, grid = cluster = (ceil(experts / 4)), kThreads = the
+// CTA rmsnorm_forward gives a row, so each CTA norms its share of the rows exactly as
+// rmsnorm_forward does, writes them to `normed` and hands their rstd to the others through
+// distributed shared memory. A CTA first loads its router rows into registers and CTA 0 reads
+// the bias, which overlaps the norms' round trips. Each thread's dot products are summed over
+// the warp by shuffles and over the warps in a fixed order, and the logits land in CTA 0's
+// shared memory, where, after the second cluster barrier, warp t takes token t's top-k and the
+// CTA groups the assignments: no global atomics, no fences.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
     moe_route_fused_kernel(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
@@ -230,96 +220,80 @@ __global__ void __launch_bounds__(kThreads)
   using Row = RmsnormRow<kThreads, 4>;
   using Bf16x4 = Pack<__nv_bfloat16, 4>;
   constexpr int kWarps = kThreads / 32;
-  constexpr int kMaxExperts = 32 * kMaxExpertsPerLane;
+  constexpr int kMaxExperts = kCtaExperts * kRouteCtas;
   __shared__ typename Row::Storage norm_storage;
   __shared__ float rstd_of[kMoeRouteMaxTokens];  // every token's, from the CTA that normed it
-  __shared__ float partial[kWarps][kMoeRouteMaxTokens][kMaxCtaExperts];  // per warp, token, expert of the CTA
-  __shared__ float cluster_logits[kMoeRouteMaxTokens * kMaxExperts];     // CTA 0's: [n, experts]
+  __shared__ float partial[kWarps][kMoeRouteMaxTokens][kCtaExperts];
+  __shared__ float cluster_logits[kMoeRouteMaxTokens * kMaxExperts];  // CTA 0's: [n, experts]
   __shared__ float bias[kMaxExperts];
   __shared__ int32_t chosen[kMoeRouteMaxTokens * kMaxK];
   const cg::cluster_group cluster = cg::this_cluster();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int rank = int(cluster.block_rank());
-  const RouteSplit split = route_split(experts);
-  const int e_begin = rank * split.cta_experts, e_end = min(experts, e_begin + split.cta_experts);
+  const int rank = int(cluster.block_rank()), ctas = int(cluster.num_blocks());
+  const int e0 = rank * kCtaExperts, cta_experts = min(kCtaExperts, experts - e0);
   const int packs = hidden / 4;
 
-  // Router rows [e0, e0 + 4) of the pass starting at e0, this thread's packs, zero past e_end.
-  const auto load_pass = [&](int e0, Bf16x4 (&w)[kPassExperts][kRoutePacks]) {
+  Bf16x4 w[kCtaExperts][kRoutePacks];
 #pragma unroll
-    for (int e = 0; e < kPassExperts; ++e) {
-      const auto* row = reinterpret_cast<const Bf16x4*>(router_weight + int64_t(e0 + e) * hidden);
+  for (int e = 0; e < kCtaExperts; ++e) {
+    const auto* row = reinterpret_cast<const Bf16x4*>(router_weight + int64_t(e0 + e) * hidden);
 #pragma unroll
-      for (int j = 0; j < kRoutePacks; ++j) {
-        const int p = threadIdx.x + j * kThreads;
-        w[e][j] = e0 + e < e_end && p < packs ? row[p] : Bf16x4{};
-      }
+    for (int j = 0; j < kRoutePacks; ++j) {
+      const int p = threadIdx.x + j * kThreads;
+      w[e][j] = e < cta_experts && p < packs ? row[p] : Bf16x4{};
     }
-  };
-  Bf16x4 w[kPassExperts][kRoutePacks];
-  load_pass(e_begin, w);
-  // The later passes' rows (128 experts: 3 of 4 passes) into L2, one contiguous run.
-  const __nv_bfloat16* later = router_weight + int64_t(e_begin + kPassExperts) * hidden;
-  const int64_t later_bytes = int64_t(max(0, e_end - e_begin - kPassExperts)) * hidden * 2;
-  if (threadIdx.x == 0 && later_bytes > 0 && later_bytes % 16 == 0 && reinterpret_cast<uintptr_t>(later) % 16 == 0) {
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(later), "r"(uint32_t(later_bytes)) : "memory");
   }
   if (rank == 0) {
     for (int e = threadIdx.x; e < experts; e += kThreads) bias[e] = router_bias[e];
   }
 
-  // The rows' norms, spread over the cluster (CTA c norms tokens c, c + ctas, ...): each CTA
-  // writes its rows to `normed` and their rstd into every CTA's rstd_of.
-  const int ctas = int(cluster.num_blocks());
+  // The rows' norms, spread over the cluster (CTA c norms tokens c, c + ctas, ...).
   for (int t = rank; t < n; t += ctas) {
-    const float r = Row::rstd(x + int64_t(t) * hidden, hidden, eps, norm_storage);
+    const float* xr = x + int64_t(t) * hidden;
+    const float r = Row::rstd(xr, hidden, eps, norm_storage);
     auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t) * hidden);
-    for (int p = threadIdx.x; p < packs; p += kThreads) out[p] = Row::scale(x + int64_t(t) * hidden, norm_weight, p, r);
+    for (int p = threadIdx.x; p < packs; p += kThreads) out[p] = Row::scale(xr, norm_weight, p, r);
     if (threadIdx.x < ctas) cluster.map_shared_rank(rstd_of, int(threadIdx.x))[t] = r;
     __syncthreads();  // norm_storage is reused by the next row
   }
   cluster.sync();
-  // Dot products, pass by pass (4 experts), all tokens at once (independent sums, so their
-  // shuffles overlap); each warp's sums into `partial`.
-  for (int e0 = e_begin; e0 < e_end; e0 += kPassExperts) {
-    if (e0 != e_begin) load_pass(e0, w);
-    float acc[kMoeRouteMaxTokens][kPassExperts] = {};
+  // All tokens' dot products at once (independent sums, so their shuffles overlap).
+  float acc[kMoeRouteMaxTokens][kCtaExperts] = {};
 #pragma unroll
-    for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
-      if (t >= n) break;
-      const float* xr = x + int64_t(t) * hidden;
+  for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
+    if (t >= n) break;
+    const float* xr = x + int64_t(t) * hidden;
 #pragma unroll
-      for (int j = 0; j < kRoutePacks; ++j) {
-        const int p = threadIdx.x + j * kThreads;
-        if (p >= packs) break;
-        const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd_of[t]);
+    for (int j = 0; j < kRoutePacks; ++j) {
+      const int p = threadIdx.x + j * kThreads;
+      if (p >= packs) break;
+      const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd_of[t]);
 #pragma unroll
-        for (int e = 0; e < kPassExperts; ++e) {
+      for (int e = 0; e < kCtaExperts; ++e) {
 #pragma unroll
-          for (int c = 0; c < 4; ++c) acc[t][e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
-        }
+        for (int c = 0; c < 4; ++c) acc[t][e] += __bfloat162float(y.v[c]) * __bfloat162float(w[e][j].v[c]);
       }
     }
+  }
 #pragma unroll
-    for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
-      if (t >= n) break;
+  for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
+    if (t >= n) break;
 #pragma unroll
-      for (int e = 0; e < kPassExperts; ++e) {
-        float v = acc[t][e];
-        for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
-        if (lane == 0) partial[warp][t][e0 - e_begin + e] = v;
-      }
+    for (int e = 0; e < kCtaExperts; ++e) {
+      float v = acc[t][e];
+      for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(kFullMask, v, offset);
+      if (lane == 0) partial[warp][t][e] = v;
     }
   }
   __syncthreads();
   float* leader_logits = cluster.map_shared_rank(cluster_logits, 0);
-  for (int i = threadIdx.x; i < n * (e_end - e_begin); i += kThreads) {
-    const int t = i / (e_end - e_begin), e = i % (e_end - e_begin);
+  if (int(threadIdx.x) < n * cta_experts) {
+    const int t = threadIdx.x / cta_experts, e = threadIdx.x % cta_experts;
     float sum = 0.0f;
 #pragma unroll
     for (int r = 0; r < kWarps; ++r) sum += partial[r][t][e];
-    logits[int64_t(t) * experts + e_begin + e] = sum;
-    leader_logits[t * experts + e_begin + e] = sum;
+    logits[int64_t(t) * experts + e0 + e] = sum;
+    leader_logits[t * experts + e0 + e] = sum;
   }
   cluster.sync();  // every CTA's logits are in CTA 0's shared memory
   if (rank != 0) return;
@@ -352,8 +326,8 @@ void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, c
 }
 
 bool moe_route_fusable(int n, int hidden, int experts, int k) {
-  if (n < 1 || n > kMoeRouteMaxTokens || k < 1 || k > kMaxK || experts < k ||
-      experts > 32 * kMaxExpertsPerLane || hidden < 4 || hidden % 4 != 0) {
+  if (n < 1 || n > kMoeRouteMaxTokens || k < 1 || k > kMaxK || experts < k || experts > kCtaExperts * kRouteCtas ||
+      hidden < 4 || hidden % 4 != 0) {
     return false;
   }
   const int packs = hidden / 4;
@@ -371,7 +345,7 @@ void moe_route_fused(__nv_bfloat16* normed, float* logits, int32_t* expert_index
       !aligned(router_weight, 8) || !aligned(normed, 8)) {
     fail_cuda(cudaErrorInvalidValue, "moe_route_fused outside moe_route_fusable or misaligned", __FILE__, __LINE__);
   }
-  const unsigned ctas = unsigned(route_split(experts).ctas);
+  const unsigned ctas = unsigned((experts + kCtaExperts - 1) / kCtaExperts);
   with_rmsnorm_threads(hidden / 4, [&]<int kThreads>() {
     launch_kernel(moe_route_fused_kernel<kThreads>, {.grid = dim3(ctas), .block = kThreads, .cluster = dim3(ctas, 1, 1)},
                   stream, normed, logits, expert_index, expert_weight, expert_offsets, sorted_assignments, x,

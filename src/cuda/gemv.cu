@@ -54,6 +54,15 @@ __device__ __forceinline__ uint4 load_weights(const __nv_bfloat16* p) {
   return v;
 }
 
+// Asks L2 for `bytes` (a multiple of 16) of global memory from p (16-byte aligned): one
+// instruction for a whole run, the data arriving while the thread goes on.
+__device__ __forceinline__ void prefetch_l2(const void* p, uint32_t bytes) {
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+}
+// What a warp of the fused attention input prefetches of each of its W rows: its first 8
+// chunks, the first two unrolled iterations.
+constexpr int kPrefetchBytes = 8 * kChunk * 2;
+
 __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
   return i == 0 ? v.x : i == 1 ? v.y : i == 2 ? v.z : v.w;
 }
@@ -174,16 +183,25 @@ __global__ void __launch_bounds__(kMaxWarps * 32)
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) >> 5, warps = int(blockDim.x) >> 5;
   const int g = lane >> 2, t = lane & 3;
   int row_lo = int(blockIdx.x) * kTileRows + g, row_hi = row_lo + 8;
+  const int chunks = (in + kChunk - 1) / kChunk;
+  const int slice = split * warps + warp, slices = splits * warps;
+  const int chunk_begin = chunks * slice / slices, chunk_end = chunks * (slice + 1) / slices;
   if constexpr (kAttnInput) {
     const int half = op.head_dim / 2, tiles_per_head = half / 8;
     row_lo = int(blockIdx.x) / tiles_per_head * op.head_dim + int(blockIdx.x) % tiles_per_head * 8 + g;
     row_hi = row_lo + half;
+    // The norm's round trips would otherwise come before the first W bytes are even asked
+    // for: lanes t = 0 first ask L2 for their two rows' first kPrefetchBytes of the slice (W
+    // and the slice start are 16-byte aligned and in % 8 == 0, so every run is too).
+    if (t == 0 && chunk_begin < chunk_end) {
+      const uint32_t bytes = uint32_t(min(kPrefetchBytes, (in - chunk_begin * kChunk) * 2));
+      for (const int row : {row_lo, row_hi}) {
+        if (row < out) prefetch_l2(w + int64_t(row) * in + int64_t(chunk_begin) * kChunk, bytes);
+      }
+    }
     norm_rows(x_normed, x_stride, partial, op.residual, op.norm_weight, op.eps, n, in);
     x = x_normed;
   }
-  const int chunks = (in + kChunk - 1) / kChunk;
-  const int slice = split * warps + warp, slices = splits * warps;
-  const int chunk_begin = chunks * slice / slices, chunk_end = chunks * (slice + 1) / slices;
   // Where `in` is not a multiple of 32 the last chunk is partial: this lane's 8 values of it
   // exist only if 8t < in % 32.
   const int lane_chunk_end = min(chunk_end, (in - 8 * t + kChunk - 1) / kChunk);

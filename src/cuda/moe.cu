@@ -695,6 +695,14 @@ __device__ __forceinline__ uint32_t word(const uint4& v, int i) {
 // CTAs of an SM decode. Measured and not better overall: 3 or 4 CTAs of 8 warps (3 or 2 quads),
 // 12 or 16 warps of 2 quads; asking L2 for the next items' weights (cp.async.bulk.prefetch.L2)
 // before decoding one made gate_up slower (1 token 27-29 µs, 8 tokens 113-127 µs against 93).
+// Nor a software pipeline (H100, 1 token, gate_up / down µs; this kernel 22.0 / 15.0 in the
+// same runs): one warp a 16-row tile (two splitting K for down at 1 token) streaming all its
+// quads, across items, through a ring of 2, 3 or 4 quads of codes in registers, activations
+// read through L1 as each quad is decoded: 27.5 / 16.6 at every depth; with the activations
+// instead copied (cp.async) kDepth quads ahead into a ring in shared memory: 57 / 16.8; the
+// register ring with no activation loads at all (wrong sums, timing only): 21.5 / 13.3. So
+// these many small 64-byte row pieces stream at ~1.6 TB/s however many are in flight, and
+// the activations' round trip costs as much again.
 template <class S, bool kGateUp>
 __global__ void __launch_bounds__(S::kThreads, S::kMinCtas) expert_stream_kernel(const MatmulArgs args) {
   __shared__ float s_partial[2][S::kWarps][4][32];  // each warp's accumulators, by item parity

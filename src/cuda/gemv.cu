@@ -161,16 +161,11 @@ constexpr int kNormedPad = 32;
 // kAttnInput (skinny_qkv_rope_forward): x is op.residual's rows normed into shared memory by
 // each CTA, the tile's rows are (q·8 + g, q·8 + g + head_dim/2) of a head (q the tile within
 // it) rather than 16 consecutive rows, and the epilogue applies rope_pair instead of writing y.
-template <int kTokenTiles, bool kAttnInput>
+template <int kTokenTiles, bool kAttnInput, int kUnroll>
 __global__ void __launch_bounds__(kMaxWarps * 32)
     skinny_linear_kernel(float* __restrict__ y, const __nv_bfloat16* __restrict__ x,
                          const __nv_bfloat16* __restrict__ w, const float* __restrict__ bias, int n, int in, int out,
                          bool accumulate, const QkvRopeOperands op) {
-  // Chunks in flight per lane: as many as fit in 80 registers (no spills, three 8-warp CTAs
-  // per SM); 4 chunks = 128 bytes of W per lane at n ≤ 8. Measured on an H100: 8 chunks (128
-  // registers, two CTAs per SM) made lm_head 3% faster but qkv and o_proj 7-10% slower; 2
-  // chunks made qkv 7% and lm_head 19% slower.
-  constexpr int kUnroll = kTokenTiles == 1 ? 4 : 3;
   constexpr int kValues = 4 * kTokenTiles;  // accumulator floats per lane
   extern __shared__ __align__(16) unsigned char shared[];
   const int x_stride = kAttnInput ? in + kNormedPad : in;
@@ -337,11 +332,18 @@ int max_shared_bytes() {
   return bytes;
 }
 
-template <int kTokenTiles, bool kAttnInput>
+// kUnroll: chunks in flight per lane. As many as fit in 80 registers (no spills, three 8-warp
+// CTAs per SM) for most shapes: 4 chunks = 128 bytes of W per lane at n ≤ 8, 3 at n ≤ 16.
+// Measured on an H100: 8 chunks (128 registers, two CTAs per SM) made lm_head 3% faster but qkv
+// and o_proj 7-10% slower; 2 chunks made qkv 7% and lm_head 19% slower. So matrices of
+// kLongOut rows or more (the lm_head, many waves of CTAs) take 8 at n ≤ 8.
+constexpr int kLongOut = 65536;
+
+template <int kTokenTiles, bool kAttnInput, int kUnroll>
 void launch(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, int n, int in, int out,
             bool accumulate, const QkvRopeOperands& op, cudaStream_t stream) {
   const SkinnyGrid grid = skinny_grid(in, out);
-  const auto kernel = skinny_linear_kernel<kTokenTiles, kAttnInput>;
+  const auto kernel = skinny_linear_kernel<kTokenTiles, kAttnInput, kUnroll>;
   if constexpr (kAttnInput) {
     // Up to 16 normed rows of 2880 exceed the default 48 KiB: raise the limit once, outside
     // any graph capture (skinny_qkv_rope_forward's contract).
@@ -370,10 +372,12 @@ void launch(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const floa
 template <bool kAttnInput>
 void launch_rows(float* y, const __nv_bfloat16* x, const __nv_bfloat16* w, const float* bias, int n, int in,
                  int out, bool accumulate, const QkvRopeOperands& op, cudaStream_t stream) {
-  if (n <= kTileTokens) {
-    launch<1, kAttnInput>(y, x, w, bias, n, in, out, accumulate, op, stream);
+  if (n > kTileTokens) {
+    launch<2, kAttnInput, 3>(y, x, w, bias, n, in, out, accumulate, op, stream);
+  } else if (!kAttnInput && out >= kLongOut) {
+    launch<1, false, 8>(y, x, w, bias, n, in, out, accumulate, op, stream);
   } else {
-    launch<2, kAttnInput>(y, x, w, bias, n, in, out, accumulate, op, stream);
+    launch<1, kAttnInput, 4>(y, x, w, bias, n, in, out, accumulate, op, stream);
   }
 }
 

@@ -204,13 +204,12 @@ __device__ void group_small_step(int32_t* expert_offsets, int32_t* sorted_assign
 }
 
 // moe_route_fused's kernel: one cluster, grid = cluster = (ceil(experts / 4)), kThreads = the
-// CTA rmsnorm_forward gives a row, so each CTA norms its share of the rows exactly as
-// rmsnorm_forward does, writes them to `normed` and hands their rstd to the others through
-// distributed shared memory. A CTA first loads its router rows into registers and CTA 0 reads
-// the bias, which overlaps the norms' round trips. Each thread's dot products are summed over
-// the warp by shuffles and over the warps in a fixed order, and the logits land in CTA 0's
-// shared memory, where, after the second cluster barrier, warp t takes token t's top-k and the
-// CTA groups the assignments: no global atomics, no fences.
+// CTA rmsnorm_forward gives a row, so each CTA norms the rows exactly as rmsnorm_forward does.
+// A CTA first loads its router rows into registers and CTA 0 reads the bias, which overlaps the
+// norms' round trips. Each thread's dot products are summed over the warp by shuffles and over
+// the warps in a fixed order, and the logits land in CTA 0's shared memory, where, after the
+// cluster barrier, warp t takes token t's top-k and the CTA groups the assignments: no global
+// atomics, no fences.
 template <int kThreads>
 __global__ void __launch_bounds__(kThreads)
     moe_route_fused_kernel(__nv_bfloat16* normed, float* logits, int32_t* expert_index, float* expert_weight,
@@ -222,7 +221,6 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kWarps = kThreads / 32;
   constexpr int kMaxExperts = kCtaExperts * kRouteCtas;
   __shared__ typename Row::Storage norm_storage;
-  __shared__ float rstd_of[kMoeRouteMaxTokens];  // every token's, from the CTA that normed it
   __shared__ float partial[kWarps][kMoeRouteMaxTokens][kCtaExperts];
   __shared__ float cluster_logits[kMoeRouteMaxTokens * kMaxExperts];  // CTA 0's: [n, experts]
   __shared__ float bias[kMaxExperts];
@@ -247,16 +245,20 @@ __global__ void __launch_bounds__(kThreads)
     for (int e = threadIdx.x; e < experts; e += kThreads) bias[e] = router_bias[e];
   }
 
-  // The rows' norms, spread over the cluster (CTA c norms tokens c, c + ctas, ...).
-  for (int t = rank; t < n; t += ctas) {
+  // Every CTA takes every row's norm itself (n <= 4 block reductions, the rows read at once by
+  // all CTAs) rather than wait for another's; CTA t % ctas writes row t to `normed`.
+  float rstd[kMoeRouteMaxTokens];
+#pragma unroll
+  for (int t = 0; t < kMoeRouteMaxTokens; ++t) {
+    if (t >= n) break;
     const float* xr = x + int64_t(t) * hidden;
-    const float r = Row::rstd(xr, hidden, eps, norm_storage);
-    auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t) * hidden);
-    for (int p = threadIdx.x; p < packs; p += kThreads) out[p] = Row::scale(xr, norm_weight, p, r);
-    if (threadIdx.x < ctas) cluster.map_shared_rank(rstd_of, int(threadIdx.x))[t] = r;
+    rstd[t] = Row::rstd(xr, hidden, eps, norm_storage);
+    if (t % ctas == rank) {
+      auto* out = reinterpret_cast<Bf16x4*>(normed + int64_t(t) * hidden);
+      for (int p = threadIdx.x; p < packs; p += kThreads) out[p] = Row::scale(xr, norm_weight, p, rstd[t]);
+    }
     __syncthreads();  // norm_storage is reused by the next row
   }
-  cluster.sync();
   // All tokens' dot products at once (independent sums, so their shuffles overlap).
   float acc[kMoeRouteMaxTokens][kCtaExperts] = {};
 #pragma unroll
@@ -267,7 +269,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < kRoutePacks; ++j) {
       const int p = threadIdx.x + j * kThreads;
       if (p >= packs) break;
-      const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd_of[t]);
+      const Bf16x4 y = Row::scale(xr, norm_weight, p, rstd[t]);
 #pragma unroll
       for (int e = 0; e < kCtaExperts; ++e) {
 #pragma unroll

@@ -150,30 +150,19 @@ __device__ __forceinline__ void decode_fp4_word(uint32_t (&pairs)[4], uint32_t c
 }
 
 // 16 bytes of read-only global memory, or zeros where !valid (then nothing is read). Not
-// volatile: the loads of a batch may be scheduled together, ahead of their mmas. kOnce: bytes
-// read once (streamed weights), kept out of L1, which holds what is read again.
-template <bool kOnce = false>
+// volatile: the loads of a batch may be scheduled together, ahead of their mmas. Every caller
+// reads its bytes once (streamed weights; a CTA's adapter rows and activations), so they are
+// kept out of L1.
 __device__ __forceinline__ uint4 load16_or_zero(const void* p, bool valid) {
   uint4 v;
-  if constexpr (kOnce) {
-    asm("{\n"
-        " .reg .pred p;\n"
-        " setp.ne.b32 p, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        "}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(int(valid)));
-  } else {
-    asm("{\n"
-        " .reg .pred p;\n"
-        " setp.ne.b32 p, %5, 0;\n"
-        " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
-        " @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-        "}\n"
-        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-        : "l"(p), "r"(int(valid)));
-  }
+  asm("{\n"
+      " .reg .pred p;\n"
+      " setp.ne.b32 p, %5, 0;\n"
+      " mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n mov.b32 %3, 0;\n"
+      " @p ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+      "}\n"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p), "r"(int(valid)));
   return v;
 }
 
@@ -758,7 +747,7 @@ __global__ void __launch_bounds__(S::kThreads, S::kMinCtas) expert_stream_kernel
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const bool valid = row_valid[h] && kb + t < nblocks;
-          codes[j][h] = load16_or_zero<true>(w.blocks + size_t(block0[h] + kb) * 16, valid);
+          codes[j][h] = load16_or_zero(w.blocks + size_t(block0[h] + kb) * 16, valid);
           scales[j][h] = valid ? __ldg(w.scales + block0[h] + kb) : 0u;
         }
       }

@@ -11,13 +11,14 @@
 
 namespace ossrl {
 
-CpuModel::CpuModel(const std::string& dir)
+CpuModel::CpuModel(const std::string& dir, Activations activations)
     : config_(GptOssConfig::from_file(dir + "/config.json")),
       checkpoint_(Checkpoint::open(dir)),
       // Validation first: it names every missing or misshapen tensor against config.json.
       weights_((validate_gpt_oss_checkpoint(checkpoint_, config_),
                 load_gpt_oss_weights(checkpoint_, config_))),
-      rope_(rope_frequencies(config_.rope, config_.head_dim)) {}
+      rope_(rope_frequencies(config_.rope, config_.head_dim)),
+      activations_(activations) {}
 
 std::vector<float> CpuModel::forward(std::span<const int32_t> tokens, std::span<const int32_t> offsets,
                                      std::span<KvCache* const> caches, LogitsFor which,

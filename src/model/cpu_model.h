@@ -1,6 +1,9 @@
 // The CPU reference forward pass of gpt-oss: plain loops in fp32 over weights read straight
 // from the checkpoint's memory map. It is the oracle the CUDA engine is checked against,
-// and it is small enough to run the tiny test models and, slowly, the real ones.
+// and it is small enough to run the tiny test models and, slowly, the real ones. Opened with
+// Activations::Bf16 it rounds activations where the CUDA engine keeps them in bf16
+// (model/cpu/activations.h): the GPU's numbers up to summation order, for tests that need
+// its tokens exactly (greedy generation).
 #pragma once
 
 #include <cstdint>
@@ -10,6 +13,7 @@
 
 #include "io/checkpoint.h"
 #include "model/config.h"
+#include "model/cpu/activations.h"
 #include "model/cpu/decoder.h"
 #include "model/kv_cache.h"
 #include "model/rope.h"
@@ -25,7 +29,7 @@ class CpuModel {
   // Opens a checkpoint folder: config.json and model.safetensors (or its index and shards),
   // and views every weight with its shape and dtype checked; throws an Error naming the file
   // and tensor on any problem.
-  explicit CpuModel(const std::string& dir);
+  explicit CpuModel(const std::string& dir, Activations activations = Activations::Fp32);
   CpuModel(const CpuModel&) = delete;
   CpuModel& operator=(const CpuModel&) = delete;
 
@@ -34,7 +38,8 @@ class CpuModel {
   // layers (train::Policy); valid while the model lives.
   const GptOssWeights& weights() const { return weights_; }
   const RopeFrequencies& rope() const { return rope_; }
-  ModelRef ref() const { return ModelRef{config_, weights_, rope_}; }
+  ModelRef ref() const { return ModelRef{config_, weights_, rope_, activations_}; }
+  Activations activations() const { return activations_; }
   // An empty cache for one sequence.
   KvCache new_cache() const { return KvCache(config_); }
 
@@ -61,6 +66,7 @@ class CpuModel {
   Checkpoint checkpoint_;
   GptOssWeights weights_;
   RopeFrequencies rope_;
+  Activations activations_;
 };
 
 }  // namespace ossrl

@@ -39,6 +39,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -292,6 +293,47 @@ TEST_P(CudaModelFixture, PrefillMatchesTransformersAndCpuModel) {
   for (KvCache& c : caches) cache_ptrs.push_back(&c);
   const std::vector<float> cpu_logits = cpu.forward(tokens_, offsets_, cache_ptrs, LogitsFor::AllTokens);
   expect_bf16_close(got, cpu_logits, vocab_, GetParam() + " prefill vs CpuModel");
+}
+
+// Rows whose argmax differs between two logit blocks [rows, vocab].
+size_t argmax_disagreements(std::span<const float> a, std::span<const float> b, size_t vocab) {
+  size_t n = 0;
+  for (size_t r = 0; r < std::min(a.size(), b.size()) / vocab; ++r) {
+    const auto ra = a.subspan(r * vocab, vocab), rb = b.subspan(r * vocab, vocab);
+    n += std::max_element(ra.begin(), ra.end()) - ra.begin() != std::max_element(rb.begin(), rb.end()) - rb.begin();
+  }
+  return n;
+}
+
+// The CPU reference with bf16 activations (model/cpu/activations.h) replays the GPU's roundings,
+// so its logits sit closer to the GPU's than the fp32 reference's: what is left is fp32
+// summation order turned into bf16 rounding flips, and the attention kernel's chunked max.
+// Measured on an H100 (2026-11-22), mean |GPU - CPU| / max|logit| against fp32 -> bf16:
+// tiny-bf16 1.7e-3 -> 7.4e-4, tiny-mxfp4 2.7e-3 -> 5.0e-4, tiny-mxfp4-kv1 1.9e-3 -> 8.9e-4
+// (median row max 5.8e-3 -> 2.7e-3, 6.7e-3 -> 2.3e-3, 6.6e-3 -> 3.2e-3).
+TEST_P(CudaModelFixture, PrefillIsCloserToBf16CpuModel) {
+  OSSRL_REQUIRE_GPU();
+  open();
+  PagedRunner runner(*model_, stream_->stream, int(sequences()), 1);
+  const std::vector<float> got = one_by_one(runner);
+  auto cpu_logits = [&](Activations activations) {
+    CpuModel cpu(dir_, activations);
+    std::vector<KvCache> caches(sequences(), cpu.new_cache());
+    std::vector<KvCache*> cache_ptrs;
+    for (KvCache& c : caches) cache_ptrs.push_back(&c);
+    return cpu.forward(tokens_, offsets_, cache_ptrs, LogitsFor::AllTokens);
+  };
+  const std::vector<float> fp32 = cpu_logits(Activations::Fp32), bf16 = cpu_logits(Activations::Bf16);
+  const LogitError e32 = compare(got, fp32, vocab_), e16 = compare(got, bf16, vocab_);
+  for (const auto& [name, e, want] : {std::tuple("fp32", e32, &fp32), std::tuple("bf16", e16, &bf16)}) {
+    const float scale = std::max(e.max_want, 1e-30f);
+    std::cout << "[ cpu " << name << " ] " << GetParam() << ": " << e.rows << " rows, mean |GPU - CPU| "
+              << e.mean_abs / scale << ", median row max " << e.median_row / scale << ", max " << e.max_abs / scale
+              << " of max|logit| " << e.max_want << " (row " << e.worst_row << "), argmax differs in "
+              << argmax_disagreements(got, *want, vocab_) << " rows\n";
+  }
+  EXPECT_LT(e16.mean_abs, e32.mean_abs) << GetParam() << ": the bf16 CPU reference is no closer to the GPU";
+  EXPECT_LT(e16.median_row, e32.median_row) << GetParam() << ": the bf16 CPU reference is no closer to the GPU";
 }
 
 TEST_P(CudaModelFixture, RaggedBatchMatchesOneByOne) {

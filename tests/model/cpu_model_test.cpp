@@ -1,12 +1,14 @@
 // Internal consistency of the CPU forward on random checkpoints: a ragged batch equals its
 // sequences run alone, prefill + decode through the KV cache equals the full forward, the
-// log-probs agree with the logits, and both expert layouts give the same model.
+// log-probs agree with the logits, both expert layouts give the same model, and bf16
+// activations (model/cpu/activations.h) round where the GPU does while the default stays fp32.
 #include <gtest/gtest.h>
 
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <iostream>
 #include <random>
 #include <vector>
 
@@ -209,6 +211,61 @@ TEST_F(CpuModelTest, DenseExpertLayoutMatchesMxfp4) {
   // The same products, summed in lanes by the row matmul and in sequence by the transposed
   // one: equal up to fp32 rounding.
   EXPECT_LE(max_abs_diff(a, d), 1e-5f * max_abs(a));
+}
+
+// Values of x that are not bf16 values.
+size_t not_bf16(std::span<const float> x) {
+  return size_t(std::count_if(x.begin(), x.end(), [](float v) { return bf16_to_f32(f32_to_bf16(v)) != v; }));
+}
+
+TEST(Activations, RoundToNearestEvenUnderBf16Only) {
+  // 1 + 2^-8 and 1 + 3 * 2^-8 sit halfway between bf16 neighbours (spacing 2^-7 at 1): the
+  // even one wins. 1 + 2^-8 + 2^-20 is past halfway.
+  const std::vector<float> x = {1.0f + 0x1p-8f, 1.0f + 3 * 0x1p-8f, 1.0f + 0x1p-8f + 0x1p-20f, -2.5f, 0.0f};
+  std::vector<float> y = x;
+  round_activations(y.data(), int64_t(y.size()), Activations::Fp32);
+  EXPECT_EQ(y, x);
+  round_activations(y.data(), int64_t(y.size()), Activations::Bf16);
+  EXPECT_EQ(y, (std::vector<float>{1.0f, 1.0f + 0x1p-6f, 1.0f + 0x1p-7f, -2.5f, 0.0f}));
+}
+
+// Activations::Bf16: the KV cache and lm_head's input hold bf16 values and the logits move by
+// bf16 noise; Fp32, the default, rounds nothing. (That the default's numbers did not change
+// with the option was checked bit for bit on the fixtures when it was added.)
+TEST_F(CpuModelTest, Bf16ActivationsRoundWhereTheGpuDoes) {
+  CpuModel fp32(dir_), bf16(dir_, Activations::Bf16);
+  EXPECT_EQ(fp32.activations(), Activations::Fp32);
+  const int vocab = fp32.config().vocab_size;
+  const Batch b = random_batch({13}, vocab, 7);
+  KvCache cache32 = fp32.new_cache(), cache16 = bf16.new_cache();
+  KvCache* caches32[] = {&cache32};
+  KvCache* caches16[] = {&cache16};
+  const std::vector<float> logits32 = fp32.forward(b.tokens, b.offsets, caches32, LogitsFor::AllTokens);
+  const std::vector<float> logits16 = bf16.forward(b.tokens, b.offsets, caches16, LogitsFor::AllTokens);
+  for (int l = 0; l < fp32.config().num_hidden_layers; ++l) {
+    const KvCache::Layer &c16 = cache16.layer(l), &c32 = cache32.layer(l);
+    EXPECT_EQ(not_bf16(c16.k) + not_bf16(c16.v), 0u) << "layer " << l << ": k after RoPE and v, as the GPU caches them";
+    EXPECT_GT(not_bf16(c32.k) + not_bf16(c32.v), c32.k.size()) << "layer " << l << ": the fp32 cache was rounded";
+  }
+  const std::vector<float> hidden16 = decoder_forward(bf16.ref(), b.tokens, b.offsets, {}, {}, nullptr);
+  const std::vector<float> hidden32 = decoder_forward(fp32.ref(), b.tokens, b.offsets, {}, {}, nullptr);
+  EXPECT_EQ(not_bf16(hidden16), 0u) << "lm_head's input";
+  EXPECT_GT(not_bf16(hidden32), hidden32.size() / 2);
+
+  // bf16 noise: a few 1e-3 of the largest logit on average, no more than a few % anywhere.
+  double mean = 0;
+  for (size_t i = 0; i < logits32.size(); ++i) mean += std::abs(logits32[i] - logits16[i]);
+  mean /= double(logits32.size());
+  const float scale = max_abs(logits32);
+  EXPECT_GT(mean, 1e-5 * scale);
+  EXPECT_LT(mean, 1e-2 * scale);
+  EXPECT_LT(max_abs_diff(logits32, logits16), 0.05f * scale);
+  std::cout << "[ bf16     ] mean |fp32 - bf16 logit| " << mean / scale << ", max "
+            << max_abs_diff(logits32, logits16) / scale << " of max|logit| " << scale << "\n";
+
+  // Backward recomputes fp32 activations: bf16 forwards keep none for it.
+  DecoderActivations saved;
+  EXPECT_THROW(decoder_forward(bf16.ref(), b.tokens, b.offsets, {}, {}, &saved), Error);
 }
 
 TEST(RandomCheckpoint, DeterministicInSeed) {

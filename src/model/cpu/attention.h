@@ -3,6 +3,8 @@
 
 #include <cstdint>
 
+#include "model/cpu/activations.h"
+
 namespace ossrl {
 
 struct AttentionDims {
@@ -14,6 +16,10 @@ struct AttentionDims {
   int kv_heads = 0;                  // query head h reads kv head h / (heads / kv_heads)
   int head_dim = 0;
   int sliding_window = 0;            // 0: full causal; else keys with p - window < u <= p
+  // Bf16: forward computes as the CUDA kernel (model/cpu/activations.h): s_u from q scaled by
+  // log2(e)/sqrt(head_dim) held as a bf16 pair hi + lo, in log2 units; each exp2(s_u - max)
+  // rounded to bf16 and normalised by the sum of the rounded values.
+  Activations activations = Activations::Fp32;
 };
 
 // For each query t (position p) and head h, over the allowed keys u (u <= p, and

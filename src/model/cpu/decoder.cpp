@@ -25,13 +25,15 @@ void check_batch(std::span<const int32_t> tokens, std::span<const int32_t> offse
 
 const float* bias_or_null(const std::vector<float>& b) { return b.empty() ? nullptr : b.data(); }
 
-MoeDims moe_dims(const GptOssConfig& c) {
+MoeDims moe_dims(const ModelRef& m) {
+  const GptOssConfig& c = m.config;
   MoeDims d;
   d.hidden = c.hidden_size;
   d.intermediate = c.intermediate_size;
   d.experts = c.num_local_experts;
   d.experts_per_token = c.experts_per_token;
   d.swiglu_limit = float(c.swiglu_limit);
+  d.activations = m.activations;
   return d;
 }
 
@@ -68,6 +70,7 @@ void attention_block_forward(float* x, const ModelRef& m, int l, std::span<const
   a.rstd.resize(size_t(n));
   a.xn.resize(size_t(n * h));
   rmsnorm_forward(a.xn.data(), a.rstd.data(), x, lw.input_layernorm.data(), n, h, float(c.rms_norm_eps));
+  round_activations(a.xn.data(), n * h, m.activations);
   a.q.resize(size_t(n * q_dim));
   a.k.resize(size_t(n * kv_dim));
   a.v.resize(size_t(n * kv_dim));
@@ -79,6 +82,7 @@ void attention_block_forward(float* x, const ModelRef& m, int l, std::span<const
     lora_forward(a.k.data(), a.xn.data(), nullptr, n, ad->k_proj);
     lora_forward(a.v.data(), a.xn.data(), nullptr, n, ad->v_proj);
   }
+  round_activations(a.v.data(), n * kv_dim, m.activations);  // as the KV cache holds v
   const float* sinks = ad && ad->sinks ? ad->sinks : w.sinks.data();
 
   a.heads_out.resize(size_t(n * q_dim));
@@ -91,17 +95,18 @@ void attention_block_forward(float* x, const ModelRef& m, int l, std::span<const
     const float* v = a.v.data() + t0 * kv_dim;
     float* out = a.heads_out.data() + t0 * q_dim;
     float* lse = a.lse.data() + t0 * c.num_attention_heads;
+    // Positions continue from what the cache holds: a decode query is not at position 0.
+    const int64_t position = caches.empty() ? 0 : caches[b]->length();
+    rope_forward(q, len, c.num_attention_heads, c.head_dim, position, m.rope);
+    rope_forward(k, len, c.num_key_value_heads, c.head_dim, position, m.rope);
+    round_activations(k, len * kv_dim, m.activations);  // as the KV cache holds k
     if (caches.empty()) {
-      rope_forward(q, len, c.num_attention_heads, c.head_dim, 0, m.rope);
-      rope_forward(k, len, c.num_key_value_heads, c.head_dim, 0, m.rope);
-      attention_forward(out, lse, q, k, v, sinks, sequence_dims(c, l, len));
+      AttentionDims dims = sequence_dims(c, l, len);
+      dims.activations = m.activations;
+      attention_forward(out, lse, q, k, v, sinks, dims);
       continue;
     }
     KvCache& cache = *caches[b];
-    // Positions continue from what the cache holds: a decode query is not at position 0.
-    const int64_t position = cache.length();
-    rope_forward(q, len, c.num_attention_heads, c.head_dim, position, m.rope);
-    rope_forward(k, len, c.num_key_value_heads, c.head_dim, position, m.rope);
     cache.append(l, k, v, len);
     const KvCache::Layer& kv = cache.layer(l);
     AttentionDims dims;
@@ -113,8 +118,10 @@ void attention_block_forward(float* x, const ModelRef& m, int l, std::span<const
     dims.kv_heads = c.num_key_value_heads;
     dims.head_dim = c.head_dim;
     dims.sliding_window = kv.sliding_window;
+    dims.activations = m.activations;
     attention_forward(out, lse, q, kv.k.data(), kv.v.data(), sinks, dims);
   }
+  round_activations(a.heads_out.data(), n * q_dim, m.activations);
   std::vector<float> o(size_t(n * h));
   linear_forward(o.data(), a.heads_out.data(), w.o_proj, bias_or_null(w.o_bias), n);
   if (ad) lora_forward(o.data(), a.heads_out.data(), nullptr, n, ad->o_proj);
@@ -173,8 +180,9 @@ void moe_block_forward(float* x, const ModelRef& m, int l, int64_t n, const Laye
   a.rstd.resize(size_t(n));
   a.xn.resize(size_t(n * h));
   rmsnorm_forward(a.xn.data(), a.rstd.data(), x, w.post_attention_layernorm.data(), n, h, float(c.rms_norm_eps));
+  round_activations(a.xn.data(), n * h, m.activations);
   std::vector<float> out(size_t(n * h));
-  moe_forward(out.data(), &a.moe, a.xn.data(), n, w.mlp, moe_dims(c), ad, saved != nullptr);
+  moe_forward(out.data(), &a.moe, a.xn.data(), n, w.mlp, moe_dims(m), ad, saved != nullptr);
   for (int64_t i = 0; i < n * h; ++i) x[i] += out[size_t(i)];
 }
 
@@ -184,7 +192,7 @@ void moe_block_backward(float* dx, const ModelRef& m, int l, int64_t n, const La
   const LayerWeights& w = m.weights.layers[size_t(l)];
   const int64_t h = c.hidden_size;
   std::vector<float> dxn(size_t(n * h), 0.0f);
-  moe_backward(dxn.data(), dx, a.xn.data(), n, w.mlp, moe_dims(c), ad, a.moe);
+  moe_backward(dxn.data(), dx, a.xn.data(), n, w.mlp, moe_dims(m), ad, a.moe);
   rmsnorm_backward(dx, nullptr, dxn.data(), a.x.data(), w.post_attention_layernorm.data(), a.rstd.data(), n, h);
 }
 
@@ -197,6 +205,8 @@ std::vector<float> decoder_forward(const ModelRef& m, std::span<const int32_t> t
   OSSRL_CHECK(adapters.empty() || adapters.size() == size_t(c.num_hidden_layers),
               "decoder: {} layer adapters for {} layers", adapters.size(), c.num_hidden_layers);
   OSSRL_CHECK(!saved || caches.empty(), "decoder: activations are kept only for whole sequences");
+  OSSRL_CHECK(!saved || m.activations == Activations::Fp32,
+              "decoder: bf16 activations are for inference; backward needs the fp32 forward");
   const int64_t n = int64_t(tokens.size());
   const int64_t h = c.hidden_size;
   std::vector<float> x(size_t(n * h));
@@ -225,6 +235,7 @@ std::vector<float> decoder_forward(const ModelRef& m, std::span<const int32_t> t
   }
   rmsnorm_forward(x.data(), saved ? saved->final_rstd.data() : nullptr, x.data(), m.weights.norm.data(), n, h,
                   float(c.rms_norm_eps));
+  round_activations(x.data(), n * h, m.activations);  // lm_head's input
   return x;
 }
 

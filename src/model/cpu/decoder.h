@@ -13,16 +13,19 @@
 #include "model/kv_cache.h"
 #include "model/rope.h"
 #include "model/weights.h"
+#include "model/cpu/activations.h"
 #include "model/cpu/lora.h"
 #include "model/cpu/moe.h"
 
 namespace ossrl {
 
-// The frozen model a layer reads: config, checkpoint views, RoPE table.
+// The frozen model a layer reads: config, checkpoint views, RoPE table, and where the
+// forward rounds activations (Bf16: inference only, no saved activations).
 struct ModelRef {
   const GptOssConfig& config;
   const GptOssWeights& weights;
   const RopeFrequencies& rope;
+  Activations activations = Activations::Fp32;
 };
 
 // What attention_block_backward needs, filled by attention_block_forward when asked.

@@ -140,6 +140,7 @@ void moe_forward(float* out, MoeActivations* act, const float* x, int64_t n, con
       lora_forward(gate_up.data(), xs.data(), tokens.data(), m, *ad);
     }
     swiglu_forward(h.data(), gate_up.data(), m, d.intermediate, d.swiglu_limit);
+    round_activations(h.data(), m * d.intermediate, d.activations);
     linear_forward(y.data(), h.data(), w.down[size_t(e)], w.down_bias.data() + int64_t(e) * d.hidden, m);
     if (const LowRankAdapter* ad = expert_adapter(adapters ? &adapters->down_proj : nullptr, e)) {
       lora_forward(y.data(), h.data(), tokens.data(), m, *ad);

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "model/cpu/activations.h"
 #include "model/cpu/lora.h"
 #include "model/weights.h"
 
@@ -16,6 +17,8 @@ struct MoeDims {
   int experts = 0;
   int experts_per_token = 0;
   float swiglu_limit = 7.0f;
+  // Bf16: moe_forward rounds the SwiGLU output (down's input) to bf16 (model/cpu/activations.h).
+  Activations activations = Activations::Fp32;
 };
 
 // router_logits [n, experts] = x [n, hidden] · routerᵀ + bias. Per token, the k largest

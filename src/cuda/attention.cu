@@ -183,9 +183,9 @@ __device__ __forceinline__ int floor_pow2(int x) { return 1 << (31 - __clz(x)); 
 // `pass_heads` heads, kv head pass_head + j's rows are row r = query r / group of the tile x
 // query head (pass_head + j) * group + r % group, in row tiles of 16; a task is one row tile of
 // one head, and warp w takes task w % tasks and key slice w / tasks of each stage (8 warps =
-// tasks x slices, slices a power of two). A programmatic dependent at larger steps
-// (cuda/launch.cuh): before its wait it reads only the tile, query positions, block tables and
-// sinks; released after its wait.
+// tasks x slices, slices a power of two). A programmatic dependent (cuda/launch.cuh): before
+// its wait it reads only the tile, query positions, block tables and sinks; released after its
+// wait.
 __global__ void __launch_bounds__(kThreads, 2)
     paged_attention_kernel(__nv_bfloat16* __restrict__ out, const float* __restrict__ q, PagedKv kv,
                            const float* __restrict__ sinks, const int32_t* __restrict__ query_pos,
@@ -503,8 +503,7 @@ void paged_attention_forward(__nv_bfloat16* out, const float* q, const PagedKv& 
       .grid = dim3(unsigned(n_tiles), unsigned((kv_heads + heads_per_cta - 1) / heads_per_cta), unsigned(splits)),
       .block = dim3(kThreads),
       .shared_bytes = kSharedBytes,
-      .cluster = dim3(1, 1, unsigned(splits)),
-      .dependent = overlap_launches(n_tiles)};
+      .cluster = dim3(1, 1, unsigned(splits))};
   launch_kernel(paged_attention_kernel, shape, stream, out, q, kv, sinks, query_pos, tiles, heads, kv_heads,
                 sliding_window, heads_per_cta);
 }

@@ -1,17 +1,21 @@
-// Launching the kernels of a forward step, as programmatic dependents (PDL, sm_90) where that
-// pays.
+// Launching the kernels of a forward step as programmatic dependents (PDL, sm_90).
 //
 // A kernel launched as a programmatic dependent starts as soon as every CTA of the kernel
 // before it has called release_dependents(): its CTAs take whatever room the SMs have left,
 // run the code before wait_for_producers() and then block there until the previous grid has
 // completed and its memory is visible. That hides the gap between two dependent grids and the
-// ramp of the next one, and at larger steps lets a grid's first CTAs start while the last
-// wave of the one before drains: on an H100, decode steps of 64 and 256 sequences took 3% and
-// 1.5% less time. At small steps it costs instead: at batch 1 the step took 2.78 ms against
-// 2.60 ms plain (the dependents' CTAs, parked on every SM, hold up the small latency-bound
-// kernels they wait for), and releasing only at exit gained nothing (2.58 ms). So a step of
-// at most kPlainLaunchMaxTokens tokens launches plainly (`overlap_launches`), and the kernels
-// that serve only such steps (cuda/gemv.h's skinny matmuls, the fused routing) never overlap.
+// ramp of the next one, and lets a grid's first CTAs start while the last wave of the one
+// before drains. Every kernel launched through launch_kernel is a dependent, at every step
+// size; the skinny matmuls (cuda/gemv.cu) choose per call.
+//
+// Measured on an H100 (20b shape, ms per decode step, interleaved runs): with plain launches at
+// steps of at most 16 tokens, batch 1 / 4 / 8 / 16 took 2.52 / 4.27 / 5.09 / 6.68; with the
+// kernels that serve them dependents too (the fused attention input, the fused routing and the
+// streaming expert kernels each ask for their first weights before the wait, while the kernel
+// before still runs) 2.36 / 4.22 / 4.85 / 6.36. At batch 64 and 256 dependents save 3% and
+// 1.5%. Earlier, with the fused attention input and routing plain, making the rest dependents
+// at batch 1 cost 7% (2.78 against 2.60 ms): the parked dependents held up the small
+// latency-bound kernels between them.
 //
 // The contract, for every kernel that may be launched as a dependent:
 // - Before wait_for_producers() it reads only what no kernel of the step writes (weights, the
@@ -38,19 +42,14 @@ __device__ __forceinline__ void release_dependents() {
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 }
 
-// See the top of the file: the largest step (in tokens, or rows for the sampling) launched
-// plainly. The skinny matmuls' limit, so the two regimes meet where the kernels change.
-inline constexpr int kPlainLaunchMaxTokens = 16;
-constexpr bool overlap_launches(int tokens) { return tokens > kPlainLaunchMaxTokens; }
-
 // A launch's geometry; cluster (1, 1, 1) is no cluster. dependent: launch as the programmatic
-// dependent of the work before it in the stream.
+// dependent of the work before it in the stream (what every kernel but some skinny matmuls is).
 struct LaunchShape {
   dim3 grid;
   dim3 block;
   size_t shared_bytes = 0;
   dim3 cluster = dim3(1, 1, 1);
-  bool dependent = false;
+  bool dependent = true;
 };
 
 // kernel<<<shape>>>(args...) on `stream`.

@@ -48,9 +48,8 @@
 // activations at prefill, and the matmul hides it: it streams its weights while u is computed
 // and waits for u only where the extension reads it (see below).
 //
-// Programmatic dependent launch (cuda/launch.cuh). At steps of more than kPlainLaunchMaxTokens
-// tokens every kernel here is launched as the dependent of the kernel before it (and the matmul
-// after an adapter's u kernel at every size), and what a matmul reads before its wait follows
+// Programmatic dependent launch (cuda/launch.cuh). Every kernel here is launched as the
+// dependent of the kernel before it, and what a matmul reads before its wait follows
 // from what runs before it: gate_up without an adapter follows the routing kernel, so it waits first;
 // down follows gate_up, which releases after its wait, so the routing (two launches back) is
 // complete and down locates its tile and starts its weight pipeline (streamed: its first
@@ -977,9 +976,7 @@ void check_weights(const ExpertWeights& w) {
 template <class U, bool kGather>
 void launch_lora_u(const LoraUArgs& args, int slots, cudaStream_t stream) {
   const int64_t tiles = (int64_t(slots) + U::kSlots - 1) / U::kSlots + std::min(args.experts, slots);
-  const LaunchShape shape{.grid = dim3(unsigned(tiles), unsigned((args.r + 15) / 16)),
-                          .block = U::kThreads,
-                          .dependent = overlap_launches(slots / args.k)};
+  const LaunchShape shape{.grid = dim3(unsigned(tiles), unsigned((args.r + 15) / 16)), .block = U::kThreads};
   launch_kernel(expert_lora_u_kernel<U, kGather>, shape, stream, args);
 }
 
@@ -1018,11 +1015,9 @@ void launch(const MatmulArgs& args, const LoraArgs& lora, int assignments, cudaS
   // Every expert with rows adds at most one partial tile.
   const int64_t tiles = (int64_t(assignments) + T::kRowsX - 1) / T::kRowsX + std::min(args.w.experts, assignments);
   if (tiles > 65535) fail_shape("moe: too many assignments for one launch (grid.y > 65535)");
-  // With an adapter always a dependent, of the u kernel: it streams its weights while u is made.
   const LaunchShape shape{.grid = dim3(unsigned((args.w.out + T::kRowsW - 1) / T::kRowsW), unsigned(tiles)),
                           .block = T::kThreads,
-                          .shared_bytes = smem,
-                          .dependent = kLora || overlap_launches(assignments / args.k)};
+                          .shared_bytes = smem};
   launch_kernel(kernel, shape, stream, args, lora);
 }
 
@@ -1049,8 +1044,7 @@ void launch_stream(const MatmulArgs& args, int assignments, int sms, cudaStream_
   if (items >= (int64_t(1) << 31) || blocks >= (int64_t(1) << 32))
     fail_shape("moe: too many assignments or expert weights for the streaming kernel's 32-bit indices");
   const LaunchShape shape{.grid = unsigned(std::min<int64_t>(items, int64_t(sms) * ctas_per_sm)),
-                          .block = S::kThreads,
-                          .dependent = overlap_launches(assignments / args.k)};
+                          .block = S::kThreads};
   launch_kernel(kernel, shape, stream, args);
 }
 
@@ -1145,7 +1139,7 @@ void moe_combine(float* residual, const float* y, const float* expert_weight, in
                    (reinterpret_cast<uintptr_t>(residual) & 15) == 0;
   const int64_t threads = int64_t(n) * (vec ? hidden / 4 : hidden);
   const unsigned blocks = unsigned((threads + kThreads - 1) / kThreads);
-  const LaunchShape shape{.grid = blocks, .block = kThreads, .dependent = overlap_launches(n)};
+  const LaunchShape shape{.grid = blocks, .block = kThreads};
   launch_kernel(vec ? moe_combine_kernel<4> : moe_combine_kernel<1>, shape, stream, residual, y, expert_weight, n, k,
                 hidden);
 }

@@ -13,8 +13,8 @@ namespace {
 // out [n, hidden] bf16, row i = weight * (x[r] * rstd) with r = rows ? rows[i] : i and
 // rstd = 1 / sqrt(mean(x[r]^2) + eps); x [*, hidden] fp32, weight [hidden] fp32. One CTA of
 // kThreads per row, kVec elements per access. The row is read twice (sum of squares, then
-// scale); the second read hits L1. A programmatic dependent at larger steps (cuda/launch.cuh),
-// released after its wait.
+// scale); the second read hits L1. A programmatic dependent (cuda/launch.cuh), released after
+// its wait.
 template <int kThreads, int kVec>
 __global__ void __launch_bounds__(kThreads) rmsnorm_kernel(__nv_bfloat16* out, const float* x, const float* weight,
                                                            const int32_t* rows, int hidden, float eps) {
@@ -72,8 +72,8 @@ template <int kVec>
 void launch(__nv_bfloat16* out, const float* x, const float* weight, const int32_t* rows, int n, int hidden,
             float eps, cudaStream_t stream) {
   with_rmsnorm_threads(hidden / kVec, [&]<int kThreads>() {
-    launch_kernel(rmsnorm_kernel<kThreads, kVec>, {.grid = dim3(n), .block = kThreads, .dependent = overlap_launches(n)},
-                  stream, out, x, weight, rows, hidden, eps);
+    launch_kernel(rmsnorm_kernel<kThreads, kVec>, {.grid = dim3(n), .block = kThreads}, stream, out, x, weight, rows,
+                  hidden, eps);
   });
 }
 

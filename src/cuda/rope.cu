@@ -30,7 +30,7 @@ __device__ void rope_cos_sin(float* cos_sin, int32_t position, const float* inv_
 // One CTA per token. qkv [n, (heads + 2*kv_heads) * head_dim] fp32 in; q_out [n, heads,
 // head_dim] fp32 and cache rows [slot, kv_heads, head_dim] bf16 out. A thread handles one pair
 // (j, j + half) of one head: q and k heads are rotated, v heads copied. A programmatic
-// dependent at larger steps (cuda/launch.cuh), released after its wait.
+// dependent (cuda/launch.cuh), released after its wait.
 __global__ void __launch_bounds__(kThreads)
     rope_qkv_kernel(float* q_out, __nv_bfloat16* k_cache, __nv_bfloat16* v_cache, const float* qkv,
                     const int32_t* positions, const int32_t* kv_slots, const float* inv_freq,
@@ -111,8 +111,7 @@ void rope_qkv_forward(float* q_out, __nv_bfloat16* k_cache, __nv_bfloat16* v_cac
   if (n == 0) return;
   const LaunchShape shape{.grid = dim3(n),
                           .block = kThreads,
-                          .shared_bytes = head_dim * sizeof(float),
-                          .dependent = overlap_launches(n)};
+                          .shared_bytes = head_dim * sizeof(float)};
   launch_kernel(rope_qkv_kernel, shape, stream, q_out, k_cache, v_cache, qkv, positions, kv_slots, inv_freq,
                 attention_scaling, heads, kv_heads, head_dim);
 }

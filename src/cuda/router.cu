@@ -1,7 +1,7 @@
 // MoE routing: per-token top-k of the router logits with a softmax over the chosen, the
 // deterministic grouping of (token, slot) assignments by expert, and for small steps all of
-// it with the norm and router matmul before it in one launch. The unfused kernels are launched
-// as programmatic dependents at larger steps (cuda/launch.cuh) and release after their wait.
+// it with the norm and router matmul before it in one launch. Every kernel here is a
+// programmatic dependent (cuda/launch.cuh) and releases after its wait.
 #include "cuda/router.h"
 
 #include <climits>
@@ -244,6 +244,8 @@ __global__ void __launch_bounds__(kThreads)
   if (rank == 0) {
     for (int e = threadIdx.x; e < experts; e += kThreads) bias[e] = router_bias[e];
   }
+  wait_for_producers();
+  release_dependents();
 
   // Every CTA takes every row's norm itself (n <= 4 block reductions, the rows read at once by
   // all CTAs) rather than wait for another's; CTA t % ctas writes row t to `normed`.
@@ -315,15 +317,13 @@ void router_topk_forward(int32_t* expert_index, float* expert_weight, const floa
                          int n, int experts, int k, cudaStream_t stream) {
   if (n == 0) return;
   constexpr int tokens_per_cta = kRouterThreads / 32;
-  const LaunchShape shape{.grid = dim3((n + tokens_per_cta - 1) / tokens_per_cta),
-                          .block = kRouterThreads,
-                          .dependent = overlap_launches(n)};
+  const LaunchShape shape{.grid = dim3((n + tokens_per_cta - 1) / tokens_per_cta), .block = kRouterThreads};
   launch_kernel(router_topk_kernel, shape, stream, expert_index, expert_weight, logits, bias, n, experts, k);
 }
 
 void moe_group_by_expert(int32_t* expert_offsets, int32_t* sorted_assignments, const int32_t* expert_index,
                          int n, int k, int experts, cudaStream_t stream) {
-  const LaunchShape shape{.grid = dim3(experts), .block = kGroupThreads, .dependent = overlap_launches(n)};
+  const LaunchShape shape{.grid = dim3(experts), .block = kGroupThreads};
   launch_kernel(moe_group_kernel, shape, stream, expert_offsets, sorted_assignments, expert_index, n * k, experts);
 }
 

@@ -385,7 +385,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // Launches kernel with grid (rows, c), a cluster of c CTAs per row: the most (a power of two
 // up to kMaxRowCtas) that keep the grid within one CTA per SM. Both kernels are programmatic
-// dependents at larger steps (cuda/launch.cuh), released after their wait.
+// dependents (cuda/launch.cuh), released after their wait.
 template <class... Params, class... Args>
 void launch_rows(void (*kernel)(Params...), int rows, cudaStream_t stream, Args... args) {
   int device = 0, sms = 0;
@@ -395,8 +395,7 @@ void launch_rows(void (*kernel)(Params...), int rows, cudaStream_t stream, Args.
   while (ctas < kMaxRowCtas && int64_t(rows) * ctas * 2 <= sms) ctas *= 2;
   const LaunchShape shape{.grid = dim3(unsigned(rows), ctas),
                           .block = kThreads,
-                          .cluster = dim3(1, ctas, 1),
-                          .dependent = overlap_launches(rows)};
+                          .cluster = dim3(1, ctas, 1)};
   launch_kernel(kernel, shape, stream, args...);
 }
 
